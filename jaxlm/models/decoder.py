@@ -1,0 +1,139 @@
+"""One pre-norm decoder-only transformer; HROM, Optimus Prime and YingGem are configurations of it.
+
+The compatibility flags (causal, attention_window, rope_style, glu, norm, biases) reproduce each original
+exactly; configs/ documents which flags an original needs and which defaults jaxlm trains with instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import layers
+from jaxlm.models.config_base import ModelConfigBase, register
+
+Array = jax.Array
+
+
+@register("decoder")
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig(ModelConfigBase):
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0            # 0 -> n_heads (plain multi-head attention)
+  head_dim: int = 0              # 0 -> d_model // n_heads
+  d_ff: int = 512
+  norm: str = "rms"              # 'rms' | 'layer'
+  norm_eps: float = 1e-6
+  rope_style: str = "half"       # 'half' (NeoX rotate-half) | 'interleaved' (pairs 2i, 2i+1)
+  rope_theta: float = 10000.0
+  glu: str = "silu"              # gate activation: 'silu' | 'sigmoid' | 'gelu' | 'gelu_tanh'
+  attn_bias: bool = False
+  mlp_bias: bool = False
+  head_bias: bool = False
+  tie_embeddings: bool = False
+  causal: bool = True            # False only to reproduce originals that attend to future tokens
+  # Sliding window: 0 = full attention; an int applies to every layer; a tuple gives one value per layer.
+  attention_window: Union[int, Sequence[int]] = 0
+  dropout: float = 0.0           # residual dropout after attention and MLP
+  attention_dropout: float = 0.0 # dropout on attention probabilities
+  embed_init_std: float = 0.02
+  init_std: float = 0.02
+  out_init_std: float = 0.0      # 0 -> init_std; output projections (residual branch ends)
+  head_init_std: float = 0.0     # 0 -> init_std
+  max_seq_len: int = 1024        # longest context generation will build
+  dtype: str = "float32"         # compute dtype; parameters stay float32
+  remat: bool = False            # rematerialise each block in the backward pass
+
+  def validate(self):
+    super().validate()
+    if self.n_heads <= 0 or (self.head_dim == 0 and self.d_model % self.n_heads):
+      raise ValueError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+      raise ValueError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"head dim {self.resolved_head_dim} must be even for rotary embeddings")
+    if self.norm not in ("rms", "layer"):
+      raise ValueError(f"model.norm must be 'rms' or 'layer', got {self.norm!r}")
+    if self.rope_style not in ("half", "interleaved"):
+      raise ValueError(f"model.rope_style must be 'half' or 'interleaved', got {self.rope_style!r}")
+    if self.glu not in layers.GLU_ACTIVATIONS:
+      raise ValueError(f"model.glu must be one of {sorted(layers.GLU_ACTIVATIONS)}, got {self.glu!r}")
+    windows = self.layer_windows
+    if len(windows) != self.n_layers:
+      raise ValueError(f"model.attention_window has {len(windows)} entries for {self.n_layers} layers")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def layer_windows(self) -> tuple:
+    w = self.attention_window
+    return tuple(w) if isinstance(w, (tuple, list)) else (w,) * self.n_layers
+
+
+class DecoderBlock(nn.Module):
+  config: DecoderConfig
+  window: int
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic: bool = True):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    out_std = c.out_init_std or c.init_std
+    h = layers.make_norm(c.norm, c.norm_eps, dtype, "attn_norm")(x_BxTxD)
+    h = layers.Attention(
+        num_heads=c.n_heads, num_kv_heads=c.kv_heads, head_dim=c.resolved_head_dim, rope_theta=c.rope_theta,
+        rope_style=c.rope_style, qkv_bias=c.attn_bias, out_bias=c.attn_bias, dropout_rate=c.attention_dropout,
+        init_std=c.init_std, out_init_std=out_std, dtype=dtype, name="attn",
+    )(h, positions_BxT, mask_Bx1xTxS, deterministic=deterministic)
+    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    h = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")(x_BxTxD)
+    h = layers.GatedMLP(hidden_dim=c.d_ff, activation=c.glu, use_bias=c.mlp_bias, init_std=c.init_std,
+                        out_init_std=out_std, dtype=dtype, name="mlp")(h)
+    return x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  """tokens [B, T] -> float32 logits [B, T, V]."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
+               positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
+                     embedding_init=layers._init(c.embed_init_std, (layers.VOCAB, layers.EMBED)))
+    x_BxTxD = embed(tokens_BxT)
+    block_cls = nn.remat(DecoderBlock, static_argnums=(4,)) if c.remat else DecoderBlock
+    masks = {}
+    for i, window in enumerate(c.layer_windows):
+      if window not in masks:  # layers with the same window share one mask
+        masks[window] = layers.attention_mask(positions_BxT, positions_BxT, causal=c.causal,
+                                              window=window or None, k_valid_BxS=padding_mask_BxT)
+      x_BxTxD = block_cls(c, window, name=f"layers_{i}")(x_BxTxD, positions_BxT, masks[window], deterministic)
+    x_BxTxD = layers.make_norm(c.norm, c.norm_eps, dtype, "final_norm")(x_BxTxD)
+    if c.tie_embeddings:
+      logits = embed.attend(x_BxTxD)
+      if c.head_bias:
+        logits = logits + self.param("head_bias", layers._zeros((layers.VOCAB,)), (c.vocab_size,), jnp.float32)
+    else:
+      logits = nn.DenseGeneral(
+          c.vocab_size, use_bias=c.head_bias, dtype=dtype, name="head",
+          kernel_init=layers._init(c.head_init_std or c.init_std, (layers.EMBED, layers.VOCAB)),
+          bias_init=layers._zeros((layers.VOCAB,)))(x_BxTxD)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,218 @@
+"""Building blocks shared by every jaxlm decoder.
+
+Shapes use suffixes: B batch, T query length, S key length, D model width, N query heads, K kv heads,
+H head dim, F MLP width, V vocabulary. Every parameter carries logical axis names (see sharding.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Logical axis names used on parameters and activations.
+EMBED, VOCAB, MLP, HEADS, KV_HEADS, HEAD_DIM = "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim"
+
+
+def _init(stddev: float, names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _zeros(names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class RMSNorm(nn.Module):
+  """weight * x / sqrt(mean(x^2) + eps), computed in float32 and cast back."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", _ones((EMBED,)), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """Standard LayerNorm with weight and bias (torch defaults: eps 1e-5, biased variance)."""
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", _ones((EMBED,)), (d,), jnp.float32)
+    bias = self.param("bias", _zeros((EMBED,)), (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
+  if kind == "rms":
+    return RMSNorm(eps=eps, dtype=dtype, name=name)
+  if kind == "layer":
+    return LayerNorm(eps=eps, dtype=dtype, name=name)
+  raise ValueError(f"model.norm must be 'rms' or 'layer', got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float) -> Array:
+  """1 / theta^(2i/H) for i < H/2, in float32 as both originals compute it."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float, style: str) -> Array:
+  """Rotary embedding at integer positions (cache offsets are just larger positions).
+
+  style 'half': GPT-NeoX rotate-half, pairs (x[i], x[i + H/2]) (HROM, YingGem).
+  style 'interleaved': pairs (x[2i], x[2i+1]) (torchtune / Optimus Prime, Meta Llama).
+  """
+  head_dim = x_BxTxNxH.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+  angles_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+  cos = jnp.cos(angles_BxTxh)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxh)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  if style == "half":
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  elif style == "interleaved":
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+  else:
+    raise ValueError(f"model.rope_style must be 'half' or 'interleaved', got {style!r}")
+  return out.astype(x_BxTxNxH.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def attention_mask(q_pos_BxT: Array, k_pos_BxS: Array, *, causal: bool, window: Optional[int],
+                   k_valid_BxS: Optional[Array] = None) -> Array:
+  """Boolean mask [B, 1, T, S], True = query may attend to key. One definition for every family.
+
+  causal: key position <= query position.
+  window W: key position > query position - W (the query and the W-1 keys before it when causal).
+    With causal=False this is original YingGem's mask: everything from q - W + 1 onwards, the future included.
+  k_valid: False for padding keys (and for empty cache slots).
+  """
+  q = q_pos_BxT[:, :, None]
+  k = k_pos_BxS[:, None, :]
+  mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+  if causal:
+    mask &= k <= q
+  if window is not None:
+    mask &= k > q - window
+  if k_valid_BxS is not None:
+    mask &= k_valid_BxS[:, None, :].astype(bool)
+  return mask[:, None, :, :]
+
+
+def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
+                          dropout_rate: float = 0.0, deterministic: bool = True,
+                          dropout_rng: Optional[Array] = None) -> Array:
+  """Scaled dot-product attention with GQA (query head n uses kv head n // (N/K)).
+
+  Without dropout this is jax.nn.dot_product_attention, so XLA can pick a fused kernel. Dropout on the
+  attention probabilities (HROM, YingGem) needs the probabilities, so it takes the explicit path.
+  """
+  n, k = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
+  if n % k:
+    raise ValueError(f"{n} query heads are not a multiple of {k} kv heads")
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
+  b, t, _, h = q_BxTxNxH.shape
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) / jnp.sqrt(h)
+  big_neg = jnp.finfo(jnp.float32).min
+  scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, big_neg)
+  probs = jax.nn.softmax(scores, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention with rotary positions and a configurable mask."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_style: str = "half"
+  qkv_bias: bool = False
+  out_bias: bool = False
+  dropout_rate: float = 0.0
+  init_std: float = 0.02
+  out_init_std: Optional[float] = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, mask_Bx1xTxS: Array, *, deterministic: bool = True,
+               cache: Optional[dict] = None):
+    d = x_BxTxD.shape[-1]
+
+    def proj(name, heads, head_axis):
+      return nn.DenseGeneral(
+          (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype, name=name,
+          kernel_init=_init(self.init_std, (EMBED, head_axis, HEAD_DIM)),
+          bias_init=_zeros((head_axis, HEAD_DIM)))(x_BxTxD)
+
+    q = proj("query", self.num_heads, HEADS)
+    k = proj("key", self.num_kv_heads, KV_HEADS)
+    v = proj("value", self.num_kv_heads, KV_HEADS)
+    q = apply_rope(q, positions_BxT, self.rope_theta, self.rope_style)
+    k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_style)
+    if cache is not None:
+      k, v = cache["update"](k, v)
+    rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
+    out = dot_product_attention(q, k, v, mask_Bx1xTxS, dropout_rate=self.dropout_rate,
+                                deterministic=deterministic, dropout_rng=rng)
+    std = self.init_std if self.out_init_std is None else self.out_init_std
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype, name="out",
+        kernel_init=_init(std, (HEADS, HEAD_DIM, EMBED)), bias_init=_zeros((EMBED,)))(out)
+
+
+GLU_ACTIVATIONS = {
+    "silu": nn.silu,
+    "sigmoid": nn.sigmoid,  # HROM's "SwiGLU" and YingGem's "GeGLU" are really a * sigmoid(g)
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+}
+
+
+class GatedMLP(nn.Module):
+  """down(value(x) * act(gate(x))); value and gate share one [D, 2, F] kernel (index 0 value, 1 gate)."""
+  hidden_dim: int
+  activation: str = "silu"
+  use_bias: bool = False
+  init_std: float = 0.02
+  out_init_std: Optional[float] = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array) -> Array:
+    if self.activation not in GLU_ACTIVATIONS:
+      raise ValueError(f"model.glu must be one of {sorted(GLU_ACTIVATIONS)}, got {self.activation!r}")
+    d = x_BxTxD.shape[-1]
+    h_BxTx2xF = nn.DenseGeneral(
+        (2, self.hidden_dim), use_bias=self.use_bias, dtype=self.dtype, name="wi",
+        kernel_init=_init(self.init_std, (EMBED, None, MLP)), bias_init=_zeros((None, MLP)))(x_BxTxD)
+    value, gate = h_BxTx2xF[..., 0, :], h_BxTx2xF[..., 1, :]
+    h_BxTxF = value * GLU_ACTIVATIONS[self.activation](gate)
+    std = self.init_std if self.out_init_std is None else self.out_init_std
+    return nn.DenseGeneral(
+        d, use_bias=self.use_bias, dtype=self.dtype, name="wo",
+        kernel_init=_init(std, (MLP, EMBED)), bias_init=_zeros((EMBED,)))(h_BxTxF)
