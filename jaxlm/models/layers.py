@@ -132,15 +132,23 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
     raise ValueError(f"{n} query heads are not a multiple of {k} kv heads")
   if deterministic or dropout_rate == 0.0:
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
-  b, t, _, h = q_BxTxNxH.shape
+  return explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, dropout_rate=dropout_rate,
+                            dropout_rng=dropout_rng)
+
+
+def explicit_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
+                       dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
+  """softmax(q k^T / sqrt(H)) v written out, with optional dropout on the probabilities."""
+  b, t, n, h = q_BxTxNxH.shape
+  k = k_BxSxKxH.shape[2]
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
   scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) / jnp.sqrt(h)
-  big_neg = jnp.finfo(jnp.float32).min
-  scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, big_neg)
+  scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BxSxKxH.dtype), v_BxSxKxH)
   return out.reshape(b, t, n, h)
 
 

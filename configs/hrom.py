@@ -1,0 +1,44 @@
+"""HROM-V1: dialogue transformer (TimurHromek/HROM-V1).
+
+  python -m jaxlm.train --config configs/hrom.py:tiny --workdir runs/hrom-tiny
+  python -m jaxlm.train --config configs/hrom.py --workdir runs/hrom              # full size
+
+Variants: '' (the original's size, 58,019,072 parameters), 'original' (same), 'tiny' (CPU-sized on the shipped
+DailyDialog sample, char-level).
+
+Kept from the original: pre-LayerNorm (eps 1e-5, with bias), fused-qkv attention with biases, rotate-half RoPE
+(theta 1e4), "SwiGLU" that is a*sigmoid(g), untied head with bias, dropout 0.1 (residual and attention),
+embedding init N(0, 1), AdamW 3e-4 with weight decay 0.01 on every parameter and constant LR, <s>/<user>/
+<assistant>/</s> dialogue format with at most 6 turns.
+Differs and why: the original clips fp16-scaled gradients (its clip is a no-op bug); jaxlm clips the true
+gradient norm. Its BPE tokenizer comes from the `tokenizers` library; jaxlm trains a SentencePiece BPE instead.
+"""
+from jaxlm.config_defaults import base_config
+
+
+def get_config(variant: str = ""):
+  c = base_config()
+  c.model.update(
+      family="hrom", vocab_size=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
+      norm="layer", norm_eps=1e-5, rope_style="half", rope_theta=1e4, glu="sigmoid",
+      attn_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False, causal=True,
+      dropout=0.1, attention_dropout=0.1, embed_init_std=1.0, init_std=0.02, max_seq_len=1024)
+  c.data.update(corpus="dailydialog_sample", format="dialogue", tokenizer="sentencepiece", vocab_size=32000,
+                packing="documents", val_fraction=0.1)
+  c.opt.update(name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
+               weight_decay=0.01, weight_decay_on="all", clip_norm=1.0)
+  c.train.update(steps=17400, batch_size=32, seq_len=1024, eval_every=1000, save_every=1000,
+                 sample_prompt="<s><user> Hello!</s><assistant>")
+
+  if variant == "original":
+    pass
+  elif variant == "tiny":
+    c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, d_ff=256, max_seq_len=128,
+                   dropout=0.0, attention_dropout=0.0)
+    c.data.update(tokenizer="char", vocab_size=0)
+    c.opt.update(lr=1e-3)
+    c.train.update(steps=200, batch_size=8, seq_len=128, eval_every=50, save_every=100, sample_tokens=100,
+                   sample_prompt="<user> ")
+  elif variant:
+    raise ValueError(f"unknown hrom variant {variant!r}; choose '', 'original' or 'tiny'")
+  return c

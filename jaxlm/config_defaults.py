@@ -1,0 +1,73 @@
+"""Defaults every config file starts from. Family files in configs/ override what differs.
+
+Sections: model (architecture + compatibility flags), data, opt, train, mesh.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict({"arch": "decoder", "family": ""})
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "tinyshakespeare"     # shipped corpus name or a path (.txt / .jsonl)
+  c.data.text_field = "text"            # JSONL field holding the text
+  c.data.format = "text"                # how records become text: text | dolly | dialogue
+  c.data.tokenizer = "char"             # char | sentencepiece | gpt2 | ids
+  c.data.tokenizer_path = ""            # .model file (sentencepiece) when not the shipped default
+  c.data.vocab_size = 0                 # 0: the tokenizer's own size
+  c.data.val_fraction = 0.1
+  c.data.packing = "windows"            # windows (every offset) | documents (concatenate and chunk)
+  c.data.eval_batches = 0               # 0: the whole validation split
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.name = "adamw"                  # adamw | adafactor
+  c.opt.lr = 1e-3
+  c.opt.schedule = "cosine"             # cosine | linear | constant | rsqrt_relative
+  c.opt.warmup_steps = 100
+  c.opt.min_lr_ratio = 0.1
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.99
+  c.opt.eps = 1e-8
+  c.opt.weight_decay = 0.1
+  c.opt.weight_decay_on = "matrices"    # matrices | all
+  c.opt.clip_norm = 1.0                 # 0 disables clipping
+  c.opt.grad_accum = 1                  # microbatches per step (batch_size must divide)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000
+  c.train.batch_size = 12
+  c.train.seq_len = 64
+  c.train.eval_every = 250
+  c.train.save_every = 500
+  c.train.log_every = 50
+  c.train.seed = 1337
+  c.train.keep_checkpoints = 3          # last K kept; the best by eval loss is kept separately
+  c.train.patience = 0                  # early stopping after this many evals without improvement; 0 = off
+  c.train.sample_tokens = 200           # tokens generated at the end of training; 0 = none
+  c.train.sample_prompt = "\n"
+  c.train.sample_temperature = 0.8
+  c.train.progress = True               # tqdm progress bar
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                      # -1: every remaining device
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+  c.mesh.rules = ()                     # () = sharding.DEFAULT_RULES
+  return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/yinggem.py:tiny' -> get_config('tiny') of that file (as config_flags does)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location(f"_jaxlm_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,201 @@
+"""Token stream -> Grain training iterator and fixed validation batches; `build_data` is what the trainer calls.
+
+Training examples are windows of a token array: `inputs = tokens[s:s+L]`, `targets = tokens[s+1:s+L+1]`.
+With packing='windows' every start offset is an example (nanoGPT's random windows, made a
+deterministic, checkpointable dataset); with packing='documents' the documents are joined with
+eos and cut into non-overlapping windows. The iterator is a Grain `DatasetIterator`, so
+`get_state()`/`set_state()` and Orbax (`grain.checkpoint.CheckpointSave/CheckpointRestore`) work on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxlm.data import sources
+from jaxlm.data import tokenizers
+
+Batch = Dict[str, np.ndarray]
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "corpus": "tinyshakespeare",  # shipped name, path, or 'a+b'
+      "text_field": "text",         # JSONL field holding the text
+      "tokenizer": "char",          # char | sentencepiece | gpt2 | ids
+      "tokenizer_path": "",         # sentencepiece .model / gpt2 assets dir; '' = shipped
+      "vocab_size": 0,              # model vocabulary; 0 = the tokenizer's
+      "val_fraction": 0.1,          # last fraction of the token stream is validation
+      "packing": "windows",         # windows (every offset) | documents (eos-joined, stride seq_len)
+      "eval_batches": 0,            # cap on validation batches; 0 = all
+  })
+
+
+@dataclasses.dataclass
+class DataBundle:
+  tokenizer: tokenizers.Tokenizer
+  train_iter: grain.DatasetIterator  # infinite; batches of int32 inputs/targets and float32 weights [B, L]
+  eval_batches: Callable[[], List[Batch]]  # a fresh list of validation batches on each call
+  train_tokens: int
+  val_tokens: int
+  vocab_size: int  # the model's vocabulary: data.vocab_size, or the tokenizer's when that is 0
+
+
+# ---------------------------------------------------------------- token stream
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+  """First 1 - val_fraction of the stream is train, the rest validation."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+  n_train = int(len(tokens) * (1.0 - val_fraction))
+  return tokens[:n_train], tokens[n_train:]
+
+
+def pack_documents(docs: List[str], tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  """Each document's tokens followed by eos (or the encoded blank-line separator if there is no eos)."""
+  sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode(sources.DOC_SEPARATOR)
+  ids: List[int] = []
+  for doc in docs:
+    ids.extend(tokenizer.encode(doc))
+    ids.extend(sep)
+  return np.asarray(ids, dtype=np.int32)
+
+
+def window_starts(n_tokens: int, seq_len: int, stride: int) -> range:
+  """Start offsets s with s + seq_len + 1 <= n_tokens (targets need one token past the inputs)."""
+  return range(0, max(0, n_tokens - seq_len), stride)
+
+
+class WindowExample:
+  """Start offset -> one example. A class, not a closure, so Grain workers can pickle it."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self.tokens = tokens
+    self.seq_len = seq_len
+
+  def __call__(self, start: int) -> Batch:
+    window = self.tokens[start:start + self.seq_len + 1]
+    return {"inputs": window[:-1], "targets": window[1:], "weights": np.ones(self.seq_len, np.float32)}
+
+
+# ---------------------------------------------------------------- training
+
+def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, stride: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled each epoch) batches of windows."""
+  starts = window_starts(len(tokens), seq_len, stride)
+  return (grain.MapDataset.range(starts.start, starts.stop, starts.step)
+          .shuffle(seed=int(seed))
+          .repeat()
+          .map(WindowExample(np.asarray(tokens, np.int32), seq_len))
+          .batch(batch_size, drop_remainder=True))
+
+
+def train_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
+  """A checkpointable iterator. A MapDataset has no state of its own: its iterator (from
+  `to_iter_dataset`) carries `get_state()`; the prefetch buffer is kept small since elements are whole batches."""
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(dataset.to_iter_dataset(options))
+
+
+# ---------------------------------------------------------------- validation
+
+def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0) -> List[Batch]:
+  """Non-overlapping windows in order. The last batch is filled with zero rows of weight 0 so every
+  batch has the same shape."""
+  starts = np.asarray(window_starts(len(tokens), seq_len, seq_len), dtype=np.int64)
+  if max_batches:
+    starts = starts[:max_batches * batch_size]
+  tokens = np.asarray(tokens, np.int32)
+  batches = []
+  for first in range(0, len(starts), batch_size):
+    chunk = starts[first:first + batch_size]
+    index = chunk[:, None] + np.arange(seq_len + 1)[None, :]
+    windows = np.zeros((batch_size, seq_len + 1), np.int32)
+    windows[:len(chunk)] = tokens[index]
+    weights = np.zeros((batch_size, seq_len), np.float32)
+    weights[:len(chunk)] = 1.0
+    batches.append({"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": weights})
+  return batches
+
+
+# ---------------------------------------------------------------- entry point
+
+_STRIDES = {"windows": lambda seq_len: 1, "documents": lambda seq_len: seq_len}
+
+
+def _config_values(data_cfg) -> Dict[str, Any]:
+  values = default_data_config().to_dict()
+  given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg or {})
+  unknown = sorted(set(given) - set(values))
+  if unknown:
+    raise ValueError(f"unknown data config field(s) {unknown}; known fields: {sorted(values)}")
+  values.update(given)
+  if values["packing"] not in _STRIDES:
+    raise ValueError(f"unknown data.packing {values['packing']!r}; known: {sorted(_STRIDES)}")
+  return values
+
+
+def _tokenizer(cfg: Mapping[str, Any], text_fn: Callable[[], str], tokenizer_dir) -> tokenizers.Tokenizer:
+  """The tokenizer saved in `tokenizer_dir` if there is one (a resumed run keeps its vocabulary), else a new one."""
+  if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)):
+    tok = tokenizers.load_tokenizer(tokenizer_dir)
+    if tok.kind != cfg["tokenizer"]:
+      raise ValueError(f"{os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)} holds a {tok.kind!r} tokenizer "
+                       f"but data.tokenizer is {cfg['tokenizer']!r}")
+    return tok
+  tok = tokenizers.make_tokenizer(cfg, text_fn)
+  if tokenizer_dir:
+    tok.save(tokenizer_dir)
+  return tok
+
+
+def _too_short(split: str, corpus: str, n: int, seq_len: int, val_fraction: float) -> ValueError:
+  return ValueError(f"the {split} split of corpus {corpus!r} has {n} tokens (val_fraction={val_fraction}), "
+                    f"fewer than one window of seq_len + 1 = {seq_len + 1} tokens; lower seq_len or use a larger corpus"
+                    + (" / val_fraction" if split == "validation" else ""))
+
+
+def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_dir: str | None = None) -> DataBundle:
+  """Reads the corpus, tokenizes it, splits train/validation and builds the train iterator and eval batches.
+
+  A `char` vocabulary is built from the whole corpus (as nanoGPT does), so validation text has no
+  unknown characters. With `tokenizer_dir`, a tokenizer.json already there is reused, else the new
+  tokenizer is saved there.
+  """
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+  cfg = _config_values(data_cfg)
+  corpus = str(cfg["corpus"])
+  docs = sources.load_documents(corpus, cfg["text_field"])
+  text = sources.DOC_SEPARATOR.join(docs)
+  tok = _tokenizer(cfg, lambda: text, tokenizer_dir)
+
+  vocab_size = int(cfg["vocab_size"]) or tok.vocab_size
+  if vocab_size < tok.vocab_size:
+    raise ValueError(f"data.vocab_size={vocab_size} is smaller than the {tok.kind} tokenizer's vocabulary ({tok.vocab_size})")
+
+  if cfg["packing"] == "documents":
+    tokens = pack_documents(docs, tok)
+  else:
+    tokens = np.asarray(tok.encode(text), dtype=np.int32)
+  train, val = split_tokens(tokens, float(cfg["val_fraction"]))
+  if len(train) < seq_len + 1:
+    raise _too_short("train", corpus, len(train), seq_len, cfg["val_fraction"])
+  if cfg["val_fraction"] > 0 and len(val) < seq_len + 1:
+    raise _too_short("validation", corpus, len(val), seq_len, cfg["val_fraction"])
+
+  stride = _STRIDES[cfg["packing"]](seq_len)
+  dataset = train_dataset(train, seq_len=seq_len, batch_size=batch_size, seed=seed, stride=stride)
+  max_eval = int(cfg["eval_batches"])
+  return DataBundle(
+      tokenizer=tok,
+      train_iter=train_iterator(dataset),
+      eval_batches=lambda: eval_batches(val, seq_len=seq_len, batch_size=batch_size, max_batches=max_eval),
+      train_tokens=len(train),
+      val_tokens=len(val),
+      vocab_size=vocab_size,
+  )

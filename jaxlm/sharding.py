@@ -1,0 +1,71 @@
+"""Device mesh and logical-axis sharding rules (flax examples/lm1b style).
+
+Parameters carry logical axis names (layers.py); `mesh.rules` maps them to mesh axes. The default mesh is pure
+data parallelism: batch over 'data', parameters replicated. Setting `mesh.model > 1` shards heads, MLP and
+vocabulary over 'model' (tensor parallelism); `mesh.fsdp > 1` shards the embed axis of parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+
+DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh with axes (data, fsdp, model); one axis may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"only one of mesh.{MESH_AXES} may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {len(devices)} are available")
+  # Auto axis types: Explicit (the make_mesh default) breaks nn.Embed's gather.
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules_from_config(mesh_cfg) -> Tuple[Tuple[str, Any], ...]:
+  extra = mesh_cfg.get("rules", None)
+  return tuple(tuple(r) for r in extra) if extra else DEFAULT_RULES
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned (others are replicated)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {shards} data-parallel shards of "
+                     f"mesh {dict(mesh.shape)}; pick a multiple of {shards} or change mesh.data")
