@@ -25,7 +25,9 @@ def get_config(variant: str = ""):
       norm="rms", norm_eps=EPS_F32, rope_style="interleaved", rope_theta=1e4, glu="silu",
       attn_bias=False, mlp_bias=True, head_bias=False, tie_embeddings=False, causal=True,
       embed_init_std=0.02, init_std=0.02, max_seq_len=512, remat=True)
-  c.data.update(corpus="dolly_sample", format="dolly", tokenizer="gpt2", packing="documents", val_fraction=0.1)
+  # Dolly-15k is not shipped (no downloads here): pass its JSONL path with --config.data.corpus=PATH.
+  c.data.update(corpus="databricks-dolly-15k.jsonl", format="dolly", tokenizer="gpt2", packing="documents",
+                val_fraction=0.1)
   c.opt.update(name="adamw", lr=1e-4, schedule="cosine", warmup_steps=56, min_lr_ratio=0.0, b1=0.9, b2=0.999,
                weight_decay=0.01, weight_decay_on="all", clip_norm=1.0)
   c.train.update(steps=565, batch_size=8, seq_len=512, eval_every=113, save_every=113)
@@ -35,7 +37,7 @@ def get_config(variant: str = ""):
   elif variant == "tiny":
     c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, max_seq_len=128,
                    remat=False)
-    c.data.update(tokenizer="char")
+    c.data.update(corpus="dolly_sample", tokenizer="char")  # the hand-written Dolly-schema sample shipped here
     c.opt.update(lr=1e-3, warmup_steps=20)
     c.train.update(steps=200, batch_size=8, seq_len=128, eval_every=50, save_every=100, sample_tokens=100,
                    sample_prompt="Instruction: ")

@@ -58,16 +58,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Arr
   mean loss over the whole batch, whatever the split.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grad_fn = jax.grad(_loss_sum, has_aux=True)
+  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
   def micro_step(carry, xs):
     grads_acc, loss_acc, w_acc = carry
     mb, i = xs
-    grads, (loss_sum, w_sum) = grad_fn(state.params, mb, jax.random.fold_in(rng, i), module)
+    (loss_sum, w_sum), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), module)
     return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, w_acc + w_sum), None
 
   if grad_accum == 1:
-    grads, (loss_sum, w_sum) = grad_fn(state.params, batch, rng, module)
+    (loss_sum, w_sum), grads = grad_fn(state.params, batch, rng, module)
   else:
     micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -77,7 +77,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Arr
   grads = jax.tree.map(lambda g: g / w_sum, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / w_sum, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss_sum / w_sum, "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -187,9 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     log.info("resumed from %s at step %d", workdir, start_step)
   else:
     start_step = 0
-    with mesh:
-      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_sharding)(
-          jax.random.fold_in(base_rng, 1))
+    state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_sharding)(
+        jax.random.fold_in(base_rng, 1))
   ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"),
                              {"model": model_dict, "config": json.loads(config.to_json_best_effort()),
                               "tokenizer": {"dir": "tokenizer"}})
@@ -226,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step, last_loss, stopped_early, interrupted = start_step, float("nan"), False, False
   window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
-  with _StopRequest() as stop, mesh:
+  with _StopRequest() as stop:
     while step < end_step:
       batch = _shard_batch(next(bundle.train_iter), batch_sh, tc.batch_size)
       state, step_metrics = step_fn(state, batch, base_rng)

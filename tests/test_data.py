@@ -103,6 +103,24 @@ def test_sentencepiece_training_then_load(tmp_path):
   assert from_file.encode(sample) == ids
 
 
+def test_sentencepiece_trained_from_config_keeps_dialogue_markers(tmp_path):
+  cfg = {"corpus": "dailydialog_sample", "format": "dialogue", "tokenizer": "sentencepiece",
+         "tokenizer_path": "train:bpe", "vocab_size": 2000, "packing": "documents"}
+  run = str(tmp_path / "run")
+  bundle = build_data(cfg, seq_len=64, batch_size=2, seed=0, tokenizer_dir=run)
+  tok = bundle.tokenizer
+  assert tok.vocab_size <= 2000 == bundle.vocab_size and os.path.isfile(os.path.join(run, "spiece.model"))
+  for marker in sources.DIALOGUE_MARKERS:
+    assert len(tok.encode(marker)) <= 2  # the marker, maybe after a word-start piece
+    assert marker in [tok.decode([i]) for i in tok.encode(marker)]
+  text = "<s><user> Hello !</s><assistant> Hi .</s>"
+  assert tok.decode(tok.encode(text)) == text
+  resumed = build_data(cfg, seq_len=64, batch_size=2, seed=0, tokenizer_dir=run)
+  assert resumed.tokenizer.encode(text) == tok.encode(text)
+  with pytest.raises(ValueError, match="train:wordpiece"):
+    make_tokenizer({**cfg, "tokenizer_path": "train:wordpiece"}, lambda: text)
+
+
 def test_ids_tokenizer(tmp_path):
   tok = IdsTokenizer(10, eos_id=9)
   assert tok.encode("1, 2 3\n4") == [1, 2, 3, 4]
@@ -158,6 +176,23 @@ def test_jsonl_and_dailydialog(tmp_path):
   assert sources.load_documents(str(custom), text_field="body") == ["one", "two"]
   with pytest.raises(ValueError, match=r"qa.jsonl:1: .*'text'"):
     sources.load_documents(str(custom))
+
+
+def test_dolly_and_dialogue_formats():
+  dolly = sources.load_documents("dolly_sample", format="dolly")
+  assert len(dolly) == 24
+  assert all(d.startswith("Instruction: ") and "\nResponse: " in d for d in dolly)
+  with_context = [d for d in dolly if "\nContext: " in d]
+  assert 0 < len(with_context) < len(dolly)  # empty contexts are left out, as Optimus Prime does
+  dialogues = sources.load_documents("dailydialog_sample", format="dialogue")
+  assert dialogues[0] == "<s><user> The kitchen stinks .</s><assistant> I'll throw out the garbage .</s>"
+  assert max(d.count("</s>") for d in dialogues) == sources.DIALOGUE_MAX_TURNS  # longer dialogues are cut
+  with pytest.raises(ValueError, match=r"alice.txt:1: format 'dialogue'"):
+    sources.load_documents("alice", format="dialogue")
+  with pytest.raises(ValueError, match=r"c4_sample.jsonl:1: .*'instruction'"):
+    sources.load_documents("c4_sample", format="dolly")
+  with pytest.raises(ValueError, match="data.format 'chat'"):
+    sources.load_documents("alice", format="chat")
 
 
 def test_missing_and_empty_files_are_named(tmp_path):

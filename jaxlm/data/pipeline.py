@@ -26,8 +26,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "corpus": "tinyshakespeare",  # shipped name, path, or 'a+b'
       "text_field": "text",         # JSONL field holding the text
+      "format": "text",             # how records become documents: text | dolly | dialogue
       "tokenizer": "char",          # char | sentencepiece | gpt2 | ids
-      "tokenizer_path": "",         # sentencepiece .model / gpt2 assets dir; '' = shipped
+      "tokenizer_path": "",         # sentencepiece .model or 'train:bpe'|'train:unigram'; gpt2 assets dir; '' = shipped
       "vocab_size": 0,              # model vocabulary; 0 = the tokenizer's
       "val_fraction": 0.1,          # last fraction of the token stream is validation
       "packing": "windows",         # windows (every offset) | documents (eos-joined, stride seq_len)
@@ -147,7 +148,7 @@ def _tokenizer(cfg: Mapping[str, Any], text_fn: Callable[[], str], tokenizer_dir
       raise ValueError(f"{os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)} holds a {tok.kind!r} tokenizer "
                        f"but data.tokenizer is {cfg['tokenizer']!r}")
     return tok
-  tok = tokenizers.make_tokenizer(cfg, text_fn)
+  tok = tokenizers.make_tokenizer(cfg, text_fn, work_dir=tokenizer_dir)
   if tokenizer_dir:
     tok.save(tokenizer_dir)
   return tok
@@ -170,7 +171,7 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
     raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
   cfg = _config_values(data_cfg)
   corpus = str(cfg["corpus"])
-  docs = sources.load_documents(corpus, cfg["text_field"])
+  docs = sources.load_documents(corpus, cfg["text_field"], cfg["format"])
   text = sources.DOC_SEPARATOR.join(docs)
   tok = _tokenizer(cfg, lambda: text, tokenizer_dir)
 

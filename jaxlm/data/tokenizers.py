@@ -1,8 +1,8 @@
 """Tokenizers behind one small interface, saved as `tokenizer.json` so a resumed run reuses its vocabulary.
 
-Kinds: `char` (sorted unique characters), `sentencepiece` (a .model file; default the shipped T5 one),
-`gpt2` (tiktoken BPE from the shipped encoder.json/vocab.bpe, never downloaded) and `ids` (text is
-already a list of token ids). Each kind registers itself in `_KINDS`; nothing dispatches in an if-chain.
+Kinds: `char` (sorted unique characters), `sentencepiece` (a .model file, default the shipped T5 one,
+or one trained on the corpus), `gpt2` (tiktoken BPE from the shipped encoder.json/vocab.bpe, never
+downloaded) and `ids` (text is already a list of token ids). Each kind registers itself in `_KINDS`; nothing dispatches in an if-chain.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -162,18 +163,24 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def train(cls, source, vocab_size: int, model_prefix_dir: str, *, model_type: str = "unigram",
-            character_coverage: float = 1.0, extra_ids: int = 0) -> "SentencePieceTokenizer":
+            character_coverage: float = 1.0, hard_vocab_limit: bool = True,
+            user_defined_symbols: Sequence[str] = (), eos_piece: str = "</s>",
+            extra_ids: int = 0) -> "SentencePieceTokenizer":
     """Trains `model_prefix_dir/spiece.model` with T5's specials (pad=0, eos=1, unk=2, no bos).
 
     `source`: a file path, or an iterable of texts and/or file paths (os.PathLike, or a string naming
     an existing file). Texts are split into lines, as sentencepiece trains on sentences.
+    `hard_vocab_limit=False` lets a small corpus give fewer than `vocab_size` pieces instead of failing;
+    `user_defined_symbols` are always kept as single pieces (e.g. dialogue role markers); text never
+    encodes to the eos piece, so a marker spelled like it needs another `eos_piece`.
     """
     import sentencepiece as spm
     os.makedirs(model_prefix_dir, exist_ok=True)
     prefix = os.path.join(model_prefix_dir, "spiece")
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(source), model_prefix=prefix, vocab_size=int(vocab_size),
-        model_type=model_type, character_coverage=character_coverage,
+        model_type=model_type, character_coverage=character_coverage, hard_vocab_limit=hard_vocab_limit,
+        user_defined_symbols=list(user_defined_symbols), eos_piece=eos_piece,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, num_threads=max(1, min(4, os.cpu_count() or 1)))
     return cls(prefix + ".model", extra_ids=extra_ids)
 
@@ -325,19 +332,38 @@ class IdsTokenizer(Tokenizer):
     return cls(config["vocab_size"], config.get("eos_id"), config.get("pad_id"), config.get("bos_id"))
 
 
-def _sentencepiece_from_config(data_cfg, train_text_fn) -> SentencePieceTokenizer:
-  model_file = _cfg(data_cfg, "tokenizer_path") or T5_SPIECE_MODEL
-  pieces = SentencePieceTokenizer(model_file).vocab_size
+SP_TRAIN_PREFIX = "train:"  # data.tokenizer_path 'train:bpe' / 'train:unigram' trains a model on the corpus
+
+
+def _sentencepiece_from_config(data_cfg, train_text_fn, work_dir) -> SentencePieceTokenizer:
+  path = _cfg(data_cfg, "tokenizer_path") or T5_SPIECE_MODEL
   wanted = int(_cfg(data_cfg, "vocab_size") or 0)
+  if path.startswith(SP_TRAIN_PREFIX):
+    return _train_sentencepiece(path[len(SP_TRAIN_PREFIX):], wanted, train_text_fn, work_dir)
+  pieces = SentencePieceTokenizer(path).vocab_size
   # Ids a model has beyond the pieces are T5-style sentinels (data.vocab_size 32100 -> 100 extra ids).
-  return SentencePieceTokenizer(model_file, extra_ids=max(0, wanted - pieces))
+  return SentencePieceTokenizer(path, extra_ids=max(0, wanted - pieces))
 
 
-_FACTORIES: Dict[str, Callable[[Any, Callable[[], str]], Tokenizer]] = {
-    "char": lambda cfg, train_text_fn: CharTokenizer.train(train_text_fn()),
+def _train_sentencepiece(model_type, vocab_size, train_text_fn, work_dir) -> SentencePieceTokenizer:
+  from jaxlm.data.sources import DIALOGUE_MARKERS
+  if model_type not in ("bpe", "unigram"):
+    raise ValueError(f"data.tokenizer_path={SP_TRAIN_PREFIX + model_type!r}: use 'train:bpe' or 'train:unigram'")
+  if vocab_size <= 0:
+    raise ValueError(f"data.tokenizer_path={SP_TRAIN_PREFIX + model_type!r} needs data.vocab_size > 0")
+  text = train_text_fn()
+  markers = [m for m in DIALOGUE_MARKERS if m in text]
+  # A small corpus may support fewer pieces than asked; the model's vocabulary (data.vocab_size) still fits them.
+  return SentencePieceTokenizer.train(
+      [text], vocab_size, work_dir or tempfile.mkdtemp(prefix="jaxlm_spm_"), model_type=model_type,
+      hard_vocab_limit=False, user_defined_symbols=markers, eos_piece="<eos>" if "</s>" in markers else "</s>")
+
+
+_FACTORIES: Dict[str, Callable[[Any, Callable[[], str], Optional[str]], Tokenizer]] = {
+    "char": lambda cfg, train_text_fn, _: CharTokenizer.train(train_text_fn()),
     "sentencepiece": _sentencepiece_from_config,
-    "gpt2": lambda cfg, _: GPT2Tokenizer(_cfg(cfg, "tokenizer_path") or None),
-    "ids": lambda cfg, _: IdsTokenizer(int(_cfg(cfg, "vocab_size") or 0)),
+    "gpt2": lambda cfg, *_: GPT2Tokenizer(_cfg(cfg, "tokenizer_path") or None),
+    "ids": lambda cfg, *_: IdsTokenizer(int(_cfg(cfg, "vocab_size") or 0)),
 }
 
 
@@ -345,10 +371,14 @@ def _cfg(data_cfg, field: str, default=None):
   return data_cfg.get(field, default) if hasattr(data_cfg, "get") else getattr(data_cfg, field, default)
 
 
-def make_tokenizer(data_cfg, train_text_fn: Callable[[], str]) -> Tokenizer:
-  """Builds the tokenizer named by `data.tokenizer`; `train_text_fn()` gives the text a `char` vocabulary
-  is built from (only called for kinds that train)."""
+def make_tokenizer(data_cfg, train_text_fn: Callable[[], str], work_dir: Optional[str] = None) -> Tokenizer:
+  """Builds the tokenizer named by `data.tokenizer`.
+
+  `train_text_fn()` gives the text a vocabulary is trained on; it is only called by kinds that train
+  (`char`, and `sentencepiece` with tokenizer_path 'train:bpe'/'train:unigram'). A trained
+  sentencepiece model is written to `work_dir` (a temporary directory if None).
+  """
   kind = _cfg(data_cfg, "tokenizer", "char")
   if kind not in _FACTORIES:
     raise ValueError(f"unknown data.tokenizer {kind!r}; known: {sorted(_FACTORIES)}")
-  return _FACTORIES[kind](data_cfg, train_text_fn)
+  return _FACTORIES[kind](data_cfg, train_text_fn, work_dir)

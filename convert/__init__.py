@@ -1,0 +1,13 @@
+"""Converters between the original PyTorch checkpoints and jaxlm model directories.
+
+  python -m convert torch2jax [--family F] --src PATH --out DIR
+  python -m convert jax2torch --src DIR --out PATH [--family F]
+
+One module per format (hrom, optimus_prime, yinggem, llama), each registering a `family.Family`.
+Checkpoints are read without torch and without executing pickled code (see unpickle.py, torchfile.py).
+"""
+from convert import hrom, llama, optimus_prime, yinggem  # noqa: F401  (each registers its family)
+from convert.errors import ConversionError
+from convert.family import FAMILIES
+
+__all__ = ["ConversionError", "FAMILIES"]

@@ -1,0 +1,94 @@
+"""torch2jax / jax2torch as functions (the CLI and the tests call these)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional, Tuple
+
+from flax import traverse_util
+
+from convert import family as fam
+from convert import torchfile
+from convert.errors import ConversionError
+from jaxlm import modeldir
+
+
+def _options(options: Optional[argparse.Namespace], **kwargs) -> argparse.Namespace:
+  merged = dict(vars(options)) if options is not None else {}
+  merged.update({k: v for k, v in kwargs.items() if v is not None})
+  return argparse.Namespace(**merged)
+
+
+def _is_torch_zip(src: str) -> bool:
+  import zipfile
+  return os.path.isfile(src) and zipfile.is_zipfile(src)
+
+
+def detect(src: str) -> Tuple[fam.Family, Any]:
+  """(family, unpickled object or None) for a checkpoint file or folder; errors name the file."""
+  if not os.path.exists(src):
+    raise ConversionError(f"{src}: no such file or directory")
+  obj = torchfile.load(src) if _is_torch_zip(src) else None
+  for family in fam.FAMILIES.values():
+    if family.sniff(src, obj):
+      return family, obj
+  what = (f"a torch checkpoint with top-level {'keys ' + str(list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__}"
+          if obj is not None else "not a torch checkpoint nor a Hugging Face Llama folder")
+  raise ConversionError(f"{src}: cannot tell the family ({what}); pass --family, one of {sorted(fam.FAMILIES)}")
+
+
+def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optional[argparse.Namespace] = None,
+              overwrite: bool = False, **kwargs) -> str:
+  """Reads an original checkpoint and writes a jaxlm model directory at `out`; returns its path."""
+  options = _options(options, **kwargs)
+  if family is None:
+    chosen, obj = detect(src)
+  else:
+    chosen = fam.get(family)
+    if not os.path.exists(src):
+      raise ConversionError(f"{src}: no such file or directory")
+    obj = torchfile.load(src) if _is_torch_zip(src) else None
+  if os.path.lexists(out) and not overwrite:  # fail before the (possibly long) conversion
+    raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
+  imported = chosen.read(src, obj, options)
+  params = traverse_util.unflatten_dict(imported.params, sep="/")
+  try:
+    return modeldir.save_model_dir(out, imported.model, params, imported.tokenizer, imported.source,
+                                   overwrite=overwrite)
+  except ValueError as e:  # a parameter tree that does not fit the model: a converter bug or bad sizes
+    raise ConversionError(f"{src}: {e}") from None
+
+
+def _resolved_model(model_dict) -> dict:
+  """All DecoderConfig fields, with n_kv_heads and head_dim resolved (0 means "default" in jaxlm)."""
+  from jaxlm.models import build_model
+  config, _ = build_model(model_dict)
+  model = config.to_dict()
+  model["n_kv_heads"], model["head_dim"] = config.kv_heads, config.resolved_head_dim
+  return model
+
+
+def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "latest",
+              options: Optional[argparse.Namespace] = None, overwrite: bool = False, **kwargs) -> str:
+  """Writes a jaxlm model (model directory or training workdir) in an original format; returns the path."""
+  options = _options(options, **kwargs)
+  try:
+    loaded = modeldir.load(src, which)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(str(e)) from None
+  name = family or loaded.source.get("family") or loaded.model_dict.get("family")
+  if not name:
+    raise ConversionError(f"{src}: the model does not say which original format it came from; pass --family, "
+                          f"one of {sorted(fam.FAMILIES)}")
+  chosen = fam.get(name)
+  model = _resolved_model(loaded.model_dict)
+  params = traverse_util.flatten_dict(loaded.params, sep="/")
+  source = loaded.source if loaded.source.get("family") == chosen.name else {}
+  if os.path.isdir(out) and not chosen.writes_directory:
+    out = os.path.join(out, chosen.filename(model, source))
+  try:
+    with modeldir.staged_output(out, is_dir=chosen.writes_directory, overwrite=overwrite) as tmp:
+      chosen.write(model, params, source, tmp, options)
+  except FileExistsError as e:
+    raise ConversionError(str(e)) from None
+  return os.path.abspath(out)

@@ -1,0 +1,192 @@
+"""HROM-V1 (TimurHromek/HROM-V1, HROM_Trainer.py): `checkpoints/hrom_<time>_step<N>.pt`.
+
+The file is torch.save({"model": state_dict, "optimizer": AdamW state_dict, "step": int, "config": CONFIG}).
+Architecture: pre-LayerNorm (eps 1e-5), fused qkv Linear [3D, D] laid out [q | k | v] (head-major inside each),
+rotate-half RoPE whose inv_freq is a saved buffer, FF = Linear(D, 2F) -> a * sigmoid(g) -> Linear(F, D),
+biases everywhere, untied head with bias.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from convert import family as fam
+from convert import jsonable, layout, torchfile
+from convert.errors import ConversionError
+
+# The original module-level CONFIG (HROM_Trainer.py), in its order; sizes are overwritten per model.
+DEFAULT_CONFIG = collections.OrderedDict([
+    ("dim", 512), ("n_layers", 6), ("n_heads", 8), ("ff_dim", 2048), ("dropout", 0.1), ("max_seq_len", 1024),
+    ("batch_size", 32), ("checkpoint_interval", 1000), ("debug_interval", 500), ("dataset", "daily_dialog"),
+    ("vocab_size", 32000), ("tokenizer_train_samples", 100000), ("learning_rate", 3e-4), ("max_turns", 6),
+    ("max_checkpoints", 5), ("num_epochs", 50)])
+# What HROMTrainer's AdamW(lr=CONFIG["learning_rate"], weight_decay=0.01) holds before its first step.
+DEFAULT_ADAMW_GROUP = {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.01, "amsgrad": False,
+                       "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                       "fused": False, "decoupled_weight_decay": True}
+# Special token ids of HROM's BPE tokenizer (trainer order); its tokenizer file is not in the checkpoint.
+SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+# Weight layout the format fixes (export refuses anything else) and behaviour the original hard-codes.
+FIXED = {"norm": "layer", "glu": "sigmoid", "rope_style": "half", "attn_bias": True, "mlp_bias": True,
+         "head_bias": True, "tie_embeddings": False}
+ORIGINAL_BEHAVIOUR = {"causal": True, "attention_window": 0, "norm_eps": 1e-5}
+BLOCK_MODULES = ("", ".attn", ".attn.qkv", ".attn.proj", ".attn.rotary", ".attn.dropout", ".ff", ".ff.0",
+                 ".ff.1", ".ff.2", ".norm1", ".norm2", ".dropout")
+
+
+def schema(v: int, d: int, n_layers: int, hd: int, f: int) -> Dict[str, tuple]:
+  s = collections.OrderedDict([("embed.weight", (v, d))])
+  for i in range(n_layers):
+    p = f"blocks.{i}."
+    s.update([(p + "attn.qkv.weight", (3 * d, d)), (p + "attn.qkv.bias", (3 * d,)),
+              (p + "attn.proj.weight", (d, d)), (p + "attn.proj.bias", (d,)),
+              (p + "attn.rotary.inv_freq", (hd // 2,)),
+              (p + "ff.0.weight", (2 * f, d)), (p + "ff.0.bias", (2 * f,)),
+              (p + "ff.2.weight", (d, f)), (p + "ff.2.bias", (d,)),
+              (p + "norm1.weight", (d,)), (p + "norm1.bias", (d,)),
+              (p + "norm2.weight", (d,)), (p + "norm2.bias", (d,))])
+  s.update([("norm.weight", (d,)), ("norm.bias", (d,)), ("head.weight", (v, d)), ("head.bias", (v,))])
+  return s
+
+
+def _sizes(state: Mapping[str, Any], config: Mapping[str, Any], src: str) -> Dict[str, int]:
+  """Model sizes from the tensors, cross-checked against the checkpoint's CONFIG dict."""
+  for key in ("embed.weight", "blocks.0.attn.rotary.inv_freq", "blocks.0.ff.2.weight"):
+    if key not in state:
+      raise ConversionError(f"{src}: missing tensor {key!r}")
+  v, d = state["embed.weight"].shape
+  hd = 2 * state["blocks.0.attn.rotary.inv_freq"].shape[0]
+  sizes = {"vocab_size": v, "dim": d, "n_layers": layout.count_by_prefix(list(state), "blocks.", ".norm1.weight"),
+           "n_heads": d // hd if hd else 0, "ff_dim": state["blocks.0.ff.2.weight"].shape[1]}
+  for key, value in sizes.items():
+    if key in config and config[key] != value:
+      raise ConversionError(f"{src}: checkpoint config {key}={config[key]!r} but the tensors say {value}")
+  if not hd or d % hd:
+    raise ConversionError(f"{src}: head_dim {hd} (from blocks.0.attn.rotary.inv_freq) does not divide dim {d}")
+  return sizes
+
+
+class HROM(fam.Family):
+  name = "hrom"
+  summary = "HROM-V1 checkpoint hrom_<time>_step<N>.pt (dict with model/optimizer/step/config)"
+
+  def sniff(self, src, obj):
+    state = obj.get("model") if isinstance(obj, dict) else None
+    return isinstance(state, Mapping) and "blocks.0.attn.qkv.weight" in state
+
+  def read(self, src, obj, options):
+    if not self.sniff(src, obj):
+      raise ConversionError(f"{src}: not an HROM checkpoint (expected a dict whose 'model' state_dict has "
+                            "'blocks.0.attn.qkv.weight')")
+    state, config = obj["model"], obj.get("config") or {}
+    if not isinstance(config, Mapping):
+      raise ConversionError(f"{src}: checkpoint entry 'config' is a {type(config).__name__}, not a dict")
+    z = _sizes(state, config, src)
+    v, d, n_layers, n, f = z["vocab_size"], z["dim"], z["n_layers"], z["n_heads"], z["ff_dim"]
+    hd = d // n
+    state = layout.check_state_dict(state, schema(v, d, n_layers, hd, f), src)
+    theta = None
+    for i in range(n_layers):
+      key = f"blocks.{i}.attn.rotary.inv_freq"
+      t = layout.rope_theta_from_buffer(state[key], hd, key, src)
+      if theta is not None and t != theta:
+        raise ConversionError(f"{src}: {key} uses RoPE theta {t:g}, layer 0 uses {theta:g}")
+      theta = t
+    params = {"embed/embedding": state["embed.weight"],
+              "final_norm/scale": state["norm.weight"], "final_norm/bias": state["norm.bias"],
+              "head/kernel": layout.linear(state["head.weight"]), "head/bias": state["head.bias"]}
+    for i in range(n_layers):
+      p, j = f"blocks.{i}.", f"layers_{i}/"
+      qkv_w = state[p + "attn.qkv.weight"].reshape(3, d, d)  # [q | k | v] thirds, each head-major
+      qkv_b = state[p + "attn.qkv.bias"].reshape(3, d)
+      for t, name in enumerate(("query", "key", "value")):
+        params[j + f"attn/{name}/kernel"] = layout.heads_in(qkv_w[t], n)
+        params[j + f"attn/{name}/bias"] = layout.heads_bias(qkv_b[t], n)
+      params[j + "attn/out/kernel"] = layout.heads_out(state[p + "attn.proj.weight"], n)
+      params[j + "attn/out/bias"] = state[p + "attn.proj.bias"]
+      value_w, gate_w = np.split(state[p + "ff.0.weight"], 2, axis=0)  # chunk(2): value first, gate second
+      value_b, gate_b = np.split(state[p + "ff.0.bias"], 2)
+      params[j + "mlp/wi/kernel"] = layout.glu_in(value_w, gate_w)
+      params[j + "mlp/wi/bias"] = layout.glu_bias(value_b, gate_b)
+      params[j + "mlp/wo/kernel"] = layout.linear(state[p + "ff.2.weight"])
+      params[j + "mlp/wo/bias"] = state[p + "ff.2.bias"]
+      for norm, jax_norm in (("norm1", "attn_norm"), ("norm2", "mlp_norm")):
+        params[j + f"{jax_norm}/scale"] = state[p + f"{norm}.weight"]
+        params[j + f"{jax_norm}/bias"] = state[p + f"{norm}.bias"]
+    dropout = float(config.get("dropout", DEFAULT_CONFIG["dropout"]))
+    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+             "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "layer", "norm_eps": 1e-5,
+             "rope_style": "half", "rope_theta": theta, "glu": "sigmoid", "attn_bias": True, "mlp_bias": True,
+             "head_bias": True, "tie_embeddings": False, "causal": True, "attention_window": 0,
+             "dropout": dropout, "attention_dropout": dropout, "embed_init_std": 1.0, "init_std": 0.02,
+             "max_seq_len": int(config.get("max_seq_len", DEFAULT_CONFIG["max_seq_len"]))}
+    extras = {"step": obj.get("step", 0), "config": config}
+    optimizer = torchfile.empty_optimizer_state(obj.get("optimizer"), _n_params(n_layers))
+    notes = ["HROM's own BPE tokenizer (tokenizer/hrom_tokenizer.json) is not part of the checkpoint; "
+             "ids 0-5 are <pad> <s> </s> <unk> <user> <assistant>"]
+    if optimizer is not None:
+      extras["optimizer"] = optimizer
+      if obj["optimizer"].get("state"):
+        notes.append("the optimizer's per-parameter moments were dropped (only its hyper-parameters are kept)")
+    source = {"family": self.name, "file": src, "dtypes": layout.source_dtypes(state),
+              "extras": jsonable.encode(extras, "checkpoint"), "notes": notes}
+    tokenizer = {"kind": "ids", "vocab_size": v, **SPECIAL_IDS,
+                 "note": "HROM's BPE tokenizer file is not in the checkpoint; token ids pass through"}
+    return fam.Imported(model, params, tokenizer, source)
+
+  def write(self, model, params, source, out, options):
+    fam.require(model, {**FIXED, "n_kv_heads": model["n_heads"], "head_dim": model["d_model"] // model["n_heads"]},
+                "HROM")
+    fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "HROM")
+    d, n, n_layers = model["d_model"], model["n_heads"], model["n_layers"]
+    hd = d // n
+    inv_freq = layout.torch_rope_inv_freq(hd, float(model["rope_theta"]))
+    items = [("embed.weight", params["embed/embedding"])]
+    for i in range(n_layers):
+      p, j = f"blocks.{i}.", f"layers_{i}/"
+      qkv_w = [layout.unheads_in(params[j + f"attn/{t}/kernel"]) for t in ("query", "key", "value")]
+      qkv_b = [layout.unheads_bias(params[j + f"attn/{t}/bias"]) for t in ("query", "key", "value")]
+      value_w, gate_w = layout.unglu(params[j + "mlp/wi/kernel"])
+      value_b, gate_b = layout.unglu_bias(params[j + "mlp/wi/bias"])
+      items += [(p + "attn.qkv.weight", np.concatenate(qkv_w, axis=0)),
+                (p + "attn.qkv.bias", np.concatenate(qkv_b)),
+                (p + "attn.proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
+                (p + "attn.proj.bias", params[j + "attn/out/bias"]),
+                (p + "attn.rotary.inv_freq", inv_freq.copy()),
+                (p + "ff.0.weight", np.concatenate([value_w, gate_w], axis=0)),
+                (p + "ff.0.bias", np.concatenate([value_b, gate_b])),
+                (p + "ff.2.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
+                (p + "ff.2.bias", params[j + "mlp/wo/bias"]),
+                (p + "norm1.weight", params[j + "attn_norm/scale"]), (p + "norm1.bias", params[j + "attn_norm/bias"]),
+                (p + "norm2.weight", params[j + "mlp_norm/scale"]), (p + "norm2.bias", params[j + "mlp_norm/bias"])]
+    items += [("norm.weight", params["final_norm/scale"]), ("norm.bias", params["final_norm/bias"]),
+              ("head.weight", layout.unlinear(params["head/kernel"])), ("head.bias", params["head/bias"])]
+    modules = ["", "embed", "blocks"] + [f"blocks.{i}{m}" for i in range(n_layers) for m in BLOCK_MODULES]
+    state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "head"])
+    extras = jsonable.decode(source.get("extras") or {})
+    torchfile.save(self._checkpoint(model, state, extras), out)
+
+  def filename(self, model, source):
+    step = jsonable.decode(source.get("extras") or {}).get("step", 0)
+    return f"hrom_{time.strftime('%Y%m%d_%H%M%S')}_step{step}.pt"
+
+  def _checkpoint(self, model, state, extras) -> Dict[str, Any]:
+    config = collections.OrderedDict(extras.get("config") or DEFAULT_CONFIG)
+    config.update(dim=model["d_model"], n_layers=model["n_layers"], n_heads=model["n_heads"],
+                  ff_dim=model["d_ff"], vocab_size=model["vocab_size"], max_seq_len=model["max_seq_len"],
+                  dropout=model["dropout"])
+    n_params = _n_params(model["n_layers"])
+    optimizer = torchfile.empty_optimizer_state(extras.get("optimizer"), n_params) or {
+        "state": {}, "param_groups": [{**DEFAULT_ADAMW_GROUP, "lr": config["learning_rate"],
+                                       "params": list(range(n_params))}]}
+    return {"model": state, "optimizer": optimizer, "step": extras.get("step", 0), "config": dict(config)}
+
+
+def _n_params(n_layers: int) -> int:
+  return 1 + 12 * n_layers + 4  # embed; per block 12 (the inv_freq buffer is no parameter); norm and head
+
+
+fam.register(HROM())

@@ -1,0 +1,169 @@
+"""Tensor layouts on both sides and the state-dict schema check.
+
+PyTorch nn.Linear stores weight [out, in]; jaxlm's DenseGeneral kernels are [in, ...out axes]. Attention
+projections split the out axis into heads: query/key/value kernel [D, heads, head_dim], output kernel
+[heads, head_dim, D]. The gated MLP keeps value and gate in one [D, 2, F] kernel (index 0 value, 1 gate).
+Every helper returns a fresh C-contiguous array, so nothing aliases the source checkpoint.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from convert.errors import ConversionError
+
+Schema = "collections.OrderedDict[str, Tuple[int, ...]]"  # key -> shape, in state_dict order
+
+
+def _c(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x)
+
+
+# ---------------------------------------------------------------------------------- torch -> jaxlm
+def linear(w_OxI: np.ndarray) -> np.ndarray:
+  """[out, in] -> kernel [in, out]."""
+  return _c(w_OxI.T)
+
+
+def heads_in(w_NHxD: np.ndarray, heads: int) -> np.ndarray:
+  """q/k/v weight [heads*head_dim, D] -> kernel [D, heads, head_dim]."""
+  return _c(w_NHxD.T.reshape(w_NHxD.shape[1], heads, -1))
+
+
+def heads_bias(b_NH: np.ndarray, heads: int) -> np.ndarray:
+  return _c(b_NH.reshape(heads, -1))
+
+
+def heads_out(w_DxNH: np.ndarray, heads: int) -> np.ndarray:
+  """output projection weight [D, heads*head_dim] -> kernel [heads, head_dim, D]."""
+  return _c(w_DxNH.T.reshape(heads, -1, w_DxNH.shape[0]))
+
+
+def glu_in(value_FxD: np.ndarray, gate_FxD: np.ndarray) -> np.ndarray:
+  """value and gate weights [F, D] -> wi kernel [D, 2, F]."""
+  return _c(np.stack([value_FxD.T, gate_FxD.T], axis=1))
+
+
+def glu_bias(value_F: np.ndarray, gate_F: np.ndarray) -> np.ndarray:
+  return _c(np.stack([value_F, gate_F], axis=0))
+
+
+# ---------------------------------------------------------------------------------- jaxlm -> torch
+def unlinear(kernel_IxO: np.ndarray) -> np.ndarray:
+  return _c(kernel_IxO.T)
+
+
+def unheads_in(kernel_DxNxH: np.ndarray) -> np.ndarray:
+  d = kernel_DxNxH.shape[0]
+  return _c(kernel_DxNxH.reshape(d, -1).T)
+
+
+def unheads_bias(bias_NxH: np.ndarray) -> np.ndarray:
+  return _c(bias_NxH.reshape(-1))
+
+
+def unheads_out(kernel_NxHxD: np.ndarray) -> np.ndarray:
+  return _c(kernel_NxHxD.reshape(-1, kernel_NxHxD.shape[-1]).T)
+
+
+def unglu(kernel_Dx2xF: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """wi kernel [D, 2, F] -> (value weight [F, D], gate weight [F, D])."""
+  return _c(kernel_Dx2xF[:, 0, :].T), _c(kernel_Dx2xF[:, 1, :].T)
+
+
+def unglu_bias(bias_2xF: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  return _c(bias_2xF[0]), _c(bias_2xF[1])
+
+
+# ---------------------------------------------------------------------------------- RoPE pair order
+def interleaved_to_half(head_dim: int) -> np.ndarray:
+  """Index map p with x_half = x_interleaved[..., p]: pairs (2i, 2i+1) become (i, i + head_dim/2)."""
+  return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """float32 1/theta^(2i/H), for checking a checkpoint's RoPE buffer (writers compute it with torch)."""
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (1.0 / (np.float64(theta) ** exponent.astype(np.float64))).astype(np.float32)
+
+
+def rope_theta_from_buffer(inv_freq: np.ndarray, head_dim: int, key: str, file: str) -> float:
+  """The theta whose table a saved inv_freq buffer holds (checked entry by entry)."""
+  if inv_freq.shape != (head_dim // 2,) or head_dim < 4:
+    raise ConversionError(f"{file}: RoPE buffer {key} has shape {inv_freq.shape}, expected ({head_dim // 2},)")
+  theta = float(inv_freq[1]) ** (-head_dim / 2.0)
+  if abs(theta - round(theta)) < 1e-3 * theta:
+    theta = float(round(theta))
+  if not np.allclose(rope_inv_freq(head_dim, theta), inv_freq, rtol=1e-5, atol=0):
+    raise ConversionError(f"{file}: RoPE buffer {key} is not a 1/theta^(2i/{head_dim}) table "
+                          f"(nearest theta {theta:g}); jaxlm cannot represent it")
+  return theta
+
+
+# ---------------------------------------------------------------------------------- schema check
+def check_state_dict(state: Mapping[str, np.ndarray], schema: Mapping[str, Tuple[int, ...]],
+                     file: str) -> Dict[str, np.ndarray]:
+  """Checks keys and shapes against the schema; returns float32 copies in schema order.
+
+  Errors name the first missing / unexpected / mis-shaped key and the file.
+  """
+  if not isinstance(state, Mapping):
+    raise ConversionError(f"{file}: expected a state_dict (a mapping of tensors), found {type(state).__name__}")
+  missing = [k for k in schema if k not in state]
+  if missing:
+    raise ConversionError(f"{file}: missing tensor {missing[0]!r}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  unexpected = [k for k in state if k not in schema]
+  if unexpected:
+    raise ConversionError(f"{file}: unexpected key {unexpected[0]!r}"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                          + "; the checkpoint does not match this family's architecture")
+  out = collections.OrderedDict()
+  for key, shape in schema.items():
+    value = state[key]
+    if not isinstance(value, np.ndarray):
+      raise ConversionError(f"{file}: {key!r} is a {type(value).__name__}, not a tensor")
+    if tuple(value.shape) != tuple(shape):
+      raise ConversionError(f"{file}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+      raise ConversionError(f"{file}: tensor {key!r} has dtype {value.dtype}, expected a float dtype")
+    out[key] = value
+  return out
+
+
+def source_dtypes(state: Mapping[str, np.ndarray]) -> Dict[str, str]:
+  """key -> dtype name for the tensors that are not float32 (so an export can restore them exactly)."""
+  return {k: v.dtype.name for k, v in state.items() if v.dtype != np.float32}
+
+
+def count_by_prefix(keys: Sequence[str], prefix: str, suffix: str) -> int:
+  """Number of layers i with a key `{prefix}{i}{suffix}`: layers must be numbered 0..n-1."""
+  found = set()
+  for key in keys:
+    if key.startswith(prefix) and key.endswith(suffix):
+      middle = key[len(prefix):len(key) - len(suffix)]
+      if middle.isdigit():
+        found.add(int(middle))
+  n = len(found)
+  if found != set(range(n)):
+    raise ConversionError(f"layer keys {prefix}<i>{suffix} are not numbered 0..{n - 1}: found {sorted(found)}")
+  return n
+
+
+def torch_rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """The RoPE buffer exactly as HROM and YingGem compute it in torch (bit-exact on export)."""
+  import torch
+  return (1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))).numpy()
+
+
+def np_dtype(name: str) -> np.dtype:
+  import ml_dtypes
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def to_dtypes(items, dtypes: Optional[Mapping[str, str]]):
+  """(key, array) pairs cast back to the dtypes a source file had (float32 unless recorded otherwise)."""
+  dtypes = dtypes or {}
+  return [(k, np.asarray(v).astype(np_dtype(dtypes.get(k, "float32")), copy=False)) for k, v in items]

@@ -1,0 +1,208 @@
+"""Optimus Prime (nik3348/optimus-prime): `checkpoints/best_model.pt` (and latest_model.pt).
+
+The file is torch.save({"epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
+"val_loss", "config"}), where "config" is a pickled `config.TrainingConfig` dataclass (read as an inert record).
+The model config is not stored: vocab, width, depth, kv width and MLP width come from tensor shapes; the number
+of query heads cannot (q_proj is [D, D] for any head count): --num-heads, else `num_heads` of a config.json
+beside the file, else the original default 8.
+Architecture: pre-RMSNorm (eps = float32 machine eps), torchtune GQA attention without biases, interleaved RoPE
+(theta 10000, non-persistent buffers), SwiGLU w3(w1(x) * silu(w2(x))) with biases, untied head without bias.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from convert import family as fam
+from convert import jsonable, layout, torchfile
+from convert.errors import ConversionError
+from convert.unpickle import inert_class
+
+DEFAULT_NUM_HEADS = 8           # ModelConfig.num_heads
+DEFAULT_NUM_KV_HEADS = 2        # ModelConfig.num_kv_heads
+RMS_EPS = float(np.finfo(np.float32).eps)  # nn.RMSNorm(eps=None) uses finfo(dtype).eps
+ROPE_MAX_SEQ_LEN = 4096         # torchtune RotaryPositionalEmbeddings cache: longer inputs fail
+TOP_LEVEL_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "val_loss", "config")
+# Defaults of config.TrainingConfig, in field order (written when exporting a model trained in jaxlm).
+TRAINING_CONFIG = collections.OrderedDict([
+    ("batch_size", 8), ("max_length", 512), ("learning_rate", 1e-4), ("weight_decay", 0.01), ("num_epochs", 5),
+    ("train_val_split", 0.9), ("gradient_clip_val", 1.0), ("dataset_name", "databricks/databricks-dolly-15k"),
+    ("dataset_size", 1000), ("num_workers", 4), ("checkpoint_dir", "checkpoints"), ("tensorboard_dir", "runs")])
+# AdamW(lr=1e-4, weight_decay=0.01) after the warmup scheduler's first (step 0, lr 0) update.
+DEFAULT_ADAMW_GROUP = {"lr": 0.0, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.01, "amsgrad": False,
+                       "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                       "fused": None, "decoupled_weight_decay": True, "initial_lr": 0.0001}
+DEFAULT_SCHEDULER = {"warmup_steps": 56, "total_steps": 565, "min_lr": 0, "base_lrs": [0.0001], "last_epoch": 0,
+                     "_step_count": 1, "_is_initial": False, "_get_lr_called_within_step": False, "_last_lr": [0.0]}
+FIXED = {"norm": "rms", "glu": "silu", "rope_style": "interleaved", "attn_bias": False, "mlp_bias": True,
+         "head_bias": False, "tie_embeddings": False}
+ORIGINAL_BEHAVIOUR = {"causal": True, "attention_window": 0, "norm_eps": RMS_EPS, "rope_theta": 10000.0}
+BLOCK_MODULES = ("", ".norm1", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj", ".attn.output_proj",
+                 ".attn.pos_embeddings", ".norm2", ".mlp", ".mlp.w1", ".mlp.w2", ".mlp.w3", ".dropout")
+
+
+def schema(v: int, d: int, n_layers: int, kv_dim: int, f: int) -> Dict[str, tuple]:
+  s = collections.OrderedDict([("embed.weight", (v, d))])
+  for i in range(n_layers):
+    p = f"layers.{i}."
+    s.update([(p + "norm1.weight", (d,)), (p + "attn.q_proj.weight", (d, d)),
+              (p + "attn.k_proj.weight", (kv_dim, d)), (p + "attn.v_proj.weight", (kv_dim, d)),
+              (p + "attn.output_proj.weight", (d, d)), (p + "norm2.weight", (d,)),
+              (p + "mlp.w1.weight", (f, d)), (p + "mlp.w1.bias", (f,)),
+              (p + "mlp.w2.weight", (f, d)), (p + "mlp.w2.bias", (f,)),
+              (p + "mlp.w3.weight", (d, f)), (p + "mlp.w3.bias", (d,))])
+  s.update([("norm.weight", (d,)), ("head.weight", (v, d))])
+  return s
+
+
+def _state_of(obj):
+  """(state_dict, wrapped): the checkpoint dict's model_state_dict, or a bare state_dict."""
+  if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), Mapping):
+    return obj["model_state_dict"], True
+  return obj, False
+
+
+def _num_heads(options, side, src) -> tuple:
+  if getattr(options, "num_heads", None):
+    return int(options.num_heads), "--num-heads"
+  if side and "num_heads" in side:
+    return int(side["num_heads"]), "config.json beside the checkpoint"
+  print(f"note: {src} does not store the number of attention heads; using the original default "
+        f"{DEFAULT_NUM_HEADS} (pass --num-heads if the model was built with another value)", file=sys.stderr)
+  return DEFAULT_NUM_HEADS, "original default"
+
+
+class OptimusPrime(fam.Family):
+  name = "optimus_prime"
+  summary = "Optimus Prime best_model.pt (dict with model_state_dict and a pickled TrainingConfig)"
+  default_filename = "best_model.pt"
+
+  def add_arguments(self, parser):
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="optimus_prime: query heads (not stored in the checkpoint). Default: num_heads of a "
+                             "config.json beside the checkpoint if present, else 8 (the original ModelConfig)")
+
+  def sniff(self, src, obj):
+    state, _ = _state_of(obj)
+    return isinstance(state, Mapping) and "layers.0.attn.q_proj.weight" in state and "layers.0.mlp.w1.weight" in state
+
+  def read(self, src, obj, options):
+    if not self.sniff(src, obj):
+      raise ConversionError(f"{src}: not an Optimus Prime checkpoint (expected 'model_state_dict' with "
+                            "'layers.0.attn.q_proj.weight')")
+    state, wrapped = _state_of(obj)
+    for key in ("embed.weight", "layers.0.attn.k_proj.weight", "layers.0.mlp.w1.weight"):
+      if key not in state:
+        raise ConversionError(f"{src}: missing tensor {key!r}")
+    v, d = state["embed.weight"].shape
+    kv_dim, f = state["layers.0.attn.k_proj.weight"].shape[0], state["layers.0.mlp.w1.weight"].shape[0]
+    n_layers = layout.count_by_prefix(list(state), "layers.", ".norm1.weight")
+    side = fam.read_sidecar(src)
+    n, heads_from = _num_heads(options, side, src)
+    if n <= 0 or d % n:
+      raise ConversionError(f"{src}: {n} heads ({heads_from}) do not divide dim {d} (embed.weight)")
+    hd = d // n
+    if kv_dim % hd or n % (kv_dim // hd or 1) or not kv_dim:
+      raise ConversionError(f"{src}: layers.0.attn.k_proj.weight has {kv_dim} rows, not a whole number of kv "
+                            f"heads of head_dim {hd} dividing {n} heads ({heads_from})")
+    k = kv_dim // hd
+    for key, value in (("vocab_size", v), ("dim", d), ("depth", n_layers), ("num_kv_heads", k)):
+      if side and key in side and side[key] != value:
+        raise ConversionError(f"{src}: config.json beside the checkpoint says {key}={side[key]!r} but the "
+                              f"tensors say {value} (with {n} heads)")
+    state = layout.check_state_dict(state, schema(v, d, n_layers, kv_dim, f), src)
+    params = {"embed/embedding": state["embed.weight"], "final_norm/scale": state["norm.weight"],
+              "head/kernel": layout.linear(state["head.weight"])}
+    for i in range(n_layers):
+      p, j = f"layers.{i}.", f"layers_{i}/"
+      params.update({
+          j + "attn_norm/scale": state[p + "norm1.weight"],
+          j + "attn/query/kernel": layout.heads_in(state[p + "attn.q_proj.weight"], n),
+          j + "attn/key/kernel": layout.heads_in(state[p + "attn.k_proj.weight"], k),
+          j + "attn/value/kernel": layout.heads_in(state[p + "attn.v_proj.weight"], k),
+          j + "attn/out/kernel": layout.heads_out(state[p + "attn.output_proj.weight"], n),
+          j + "mlp_norm/scale": state[p + "norm2.weight"],
+          # value = w1, gate = w2 (silu is applied to w2), down = w3
+          j + "mlp/wi/kernel": layout.glu_in(state[p + "mlp.w1.weight"], state[p + "mlp.w2.weight"]),
+          j + "mlp/wi/bias": layout.glu_bias(state[p + "mlp.w1.bias"], state[p + "mlp.w2.bias"]),
+          j + "mlp/wo/kernel": layout.linear(state[p + "mlp.w3.weight"]),
+          j + "mlp/wo/bias": state[p + "mlp.w3.bias"]})
+    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+             "n_kv_heads": k, "head_dim": hd, "d_ff": f, "norm": "rms", "norm_eps": RMS_EPS,
+             "rope_style": "interleaved", "rope_theta": 10000.0, "glu": "silu", "attn_bias": False,
+             "mlp_bias": True, "head_bias": False, "tie_embeddings": False, "causal": True,
+             "attention_window": 0, "dropout": 0.0, "attention_dropout": 0.0, "embed_init_std": 0.02,
+             "init_std": 0.02, "max_seq_len": ROPE_MAX_SEQ_LEN}
+    notes = [f"num_heads={n} from {heads_from}"]
+    extras: Dict[str, Any] = {}
+    if wrapped:
+      extras = {key: obj[key] for key in obj if key != "model_state_dict"}
+      extras["keys"] = list(obj)
+      optimizer = torchfile.empty_optimizer_state(obj.get("optimizer_state_dict"), _n_params(n_layers))
+      if optimizer is not None:
+        if obj["optimizer_state_dict"].get("state"):
+          notes.append("the optimizer's per-parameter moments were dropped (only its hyper-parameters are kept)")
+        extras["optimizer_state_dict"] = optimizer
+    source = {"family": self.name, "file": src, "wrapped": wrapped, "dtypes": layout.source_dtypes(state),
+              "extras": jsonable.encode(extras, "checkpoint"), "notes": notes}
+    tokenizer = {"kind": "gpt2", "assets_dir": None} if v == 50257 else {
+        "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
+    return fam.Imported(model, params, tokenizer, source)
+
+  def write(self, model, params, source, out, options):
+    n, k, d = model["n_heads"], model["n_kv_heads"], model["d_model"]
+    fam.require(model, {**FIXED, "head_dim": d // n}, "Optimus Prime")
+    fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "Optimus Prime")
+    if (n, k) != (DEFAULT_NUM_HEADS, DEFAULT_NUM_KV_HEADS) or model["d_ff"] != 4 * d:
+      print(f"note: build the original with ModelConfig(vocab_size={model['vocab_size']}, dim={d}, "
+            f"depth={model['n_layers']}, num_heads={n}, num_kv_heads={k}) and mlp_ratio={model['d_ff'] / d:g}; "
+            "the checkpoint does not store these", file=sys.stderr)
+    items = [("embed.weight", params["embed/embedding"])]
+    for i in range(model["n_layers"]):
+      p, j = f"layers.{i}.", f"layers_{i}/"
+      w1, w2 = layout.unglu(params[j + "mlp/wi/kernel"])
+      b1, b2 = layout.unglu_bias(params[j + "mlp/wi/bias"])
+      items += [(p + "norm1.weight", params[j + "attn_norm/scale"]),
+                (p + "attn.q_proj.weight", layout.unheads_in(params[j + "attn/query/kernel"])),
+                (p + "attn.k_proj.weight", layout.unheads_in(params[j + "attn/key/kernel"])),
+                (p + "attn.v_proj.weight", layout.unheads_in(params[j + "attn/value/kernel"])),
+                (p + "attn.output_proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
+                (p + "norm2.weight", params[j + "mlp_norm/scale"]),
+                (p + "mlp.w1.weight", w1), (p + "mlp.w1.bias", b1), (p + "mlp.w2.weight", w2),
+                (p + "mlp.w2.bias", b2), (p + "mlp.w3.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
+                (p + "mlp.w3.bias", params[j + "mlp/wo/bias"])]
+    items += [("norm.weight", params["final_norm/scale"]), ("head.weight", layout.unlinear(params["head/kernel"]))]
+    modules = ["", "embed", "layers"] + [f"layers.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
+    state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "head"])
+    if source and not source.get("wrapped", True):
+      torchfile.save(state, out)
+      return
+    torchfile.save(self._checkpoint(model, state, jsonable.decode(source.get("extras") or {})), out)
+
+  def _checkpoint(self, model, state, extras) -> Dict[str, Any]:
+    n_params = _n_params(model["n_layers"])
+    config = extras.get("config")
+    if config is None:
+      config = inert_class("config", "TrainingConfig").__new__(inert_class("config", "TrainingConfig"))
+      config.state = dict(TRAINING_CONFIG)
+    entries = {
+        "epoch": extras.get("epoch", 0), "model_state_dict": state,
+        "optimizer_state_dict": torchfile.empty_optimizer_state(extras.get("optimizer_state_dict"), n_params) or {
+            "state": {}, "param_groups": [{**DEFAULT_ADAMW_GROUP, "params": list(range(n_params))}]},
+        "scheduler_state_dict": extras.get("scheduler_state_dict", DEFAULT_SCHEDULER),
+        "val_loss": extras.get("val_loss", float("inf")), "config": config}
+    for key, value in extras.items():  # anything else the source file had
+      if key not in entries and key != "keys":
+        entries[key] = value
+    order = [k for k in extras.get("keys", TOP_LEVEL_KEYS) if k in entries]
+    return {k: entries[k] for k in order + [k for k in entries if k not in order]}
+
+
+def _n_params(n_layers: int) -> int:
+  return 1 + 12 * n_layers + 2  # embed; per layer 12; final norm and head
+
+
+fam.register(OptimusPrime())

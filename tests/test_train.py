@@ -1,0 +1,170 @@
+"""Training end to end: metrics/checkpoints written, resume equals uninterrupted, 8 devices equal 1."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxlm import trainer
+from jaxlm.checkpoint import RunCheckpointer, restore_for_inference
+from jaxlm.config_defaults import load_config
+from jaxlm.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "yinggem.py:tiny")
+
+
+def small_config(**train):
+  c = load_config(TINY)
+  c.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention_window=16, max_seq_len=16)
+  c.data.update(eval_batches=2)
+  c.opt.update(warmup_steps=2)
+  c.train.update(steps=10, batch_size=8, seq_len=16, eval_every=5, save_every=5, log_every=1,
+                 sample_tokens=0, progress=False)
+  c.train.update(**train)
+  return c
+
+
+def losses(workdir):
+  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+
+def test_short_run_writes_everything_and_learns(tmp_path):
+  c = small_config(steps=40, eval_every=20, save_every=20, log_every=10, sample_tokens=20)
+  c.opt.lr = 3e-3
+  result = trainer.train_and_evaluate(c, str(tmp_path))
+  assert result.step == 40 and not result.interrupted
+  rows = read_metrics(tmp_path / "metrics.jsonl")
+  train_rows = [r for r in rows if "loss" in r]
+  eval_rows = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
+  assert all(r["tokens_per_sec"] > 0 for r in train_rows)
+  assert [r["step"] for r in eval_rows] == [20, 40]
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"] < np.log(65) + 0.5
+  assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  assert RunCheckpointer(str(tmp_path)).latest_step() == 40
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"] == 65
+  assert isinstance(result.sample, str) and len(result.sample) >= 20
+  model, params, tok_dir = restore_for_inference(str(tmp_path), "best")
+  assert model["d_model"] == 32 and os.path.exists(os.path.join(tok_dir, "tokenizer.json"))
+
+
+def test_resume_gives_the_same_loss_trajectory(tmp_path):
+  full, split = tmp_path / "full", tmp_path / "split"
+  trainer.train_and_evaluate(small_config(steps=12), str(full))
+  first = trainer.train_and_evaluate(small_config(steps=12), str(split), stop_after_steps=7)
+  assert first.interrupted is False and first.step == 7
+  second = trainer.train_and_evaluate(small_config(steps=12), str(split))
+  assert second.step == 12
+  a, b = losses(full), losses(split)
+  assert [s for s, _ in b] == list(range(1, 13))  # rows past the restored step were not duplicated
+  np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=0, atol=1e-6)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+  one = trainer.train_and_evaluate(small_config(steps=3, eval_every=0), str(tmp_path / "a"))
+  c = small_config(steps=3, eval_every=0)
+  c.opt.grad_accum = 4
+  four = trainer.train_and_evaluate(c, str(tmp_path / "b"))
+  np.testing.assert_allclose([l for _, l in losses(tmp_path / "a")], [l for _, l in losses(tmp_path / "b")],
+                             atol=2e-5)
+  assert one.step == four.step == 3
+
+
+def test_workdir_with_a_different_model_is_refused(tmp_path):
+  trainer.train_and_evaluate(small_config(steps=2, eval_every=0), str(tmp_path))
+  c = small_config(steps=4, eval_every=0)
+  c.model.d_model = 48
+  with pytest.raises(ValueError, match="holds a different model.*d_model: checkpoint 32 vs config 48"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+def test_half_written_checkpoint_is_ignored_on_resume(tmp_path):
+  trainer.train_and_evaluate(small_config(steps=5, eval_every=0), str(tmp_path))
+  # What a crash in the middle of saving step 9 leaves behind: Orbax's temporary directory.
+  junk = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"
+  (junk / "state").mkdir(parents=True)
+  (junk / "state" / "partial").write_bytes(b"\0" * 10)
+  assert RunCheckpointer(str(tmp_path)).latest_step() == 5
+  result = trainer.train_and_evaluate(small_config(steps=7, eval_every=0), str(tmp_path))
+  assert result.step == 7
+
+
+def test_early_stopping_after_patience_evals(tmp_path):
+  c = small_config(steps=40, eval_every=2, patience=2)
+  c.opt.update(lr=5.0, schedule="constant", clip_norm=0.0)  # diverges, so evals stop improving
+  result = trainer.train_and_evaluate(c, str(tmp_path))
+  assert result.stopped_early and result.step < 40
+  evals = [l for _, l in result.eval_history]
+  best = min(range(len(evals)), key=evals.__getitem__)
+  assert len(evals) - 1 - best == 2
+
+
+def test_batch_not_divisible_by_data_shards_is_refused(tmp_path):
+  c = small_config()
+  c.opt.grad_accum = 3
+  with pytest.raises(ValueError, match="batch_size=8 is not divisible by opt.grad_accum=3"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+_DEVICE_RUN = """
+import json, sys
+sys.path.insert(0, {root!r})
+import jax
+from tests.test_train import small_config, losses
+from jaxlm import trainer
+c = small_config(steps=6, eval_every=3)
+c.mesh.update({mesh})
+r = trainer.train_and_evaluate(c, {workdir!r})
+print(json.dumps({{"devices": jax.device_count(), "losses": [l for _, l in losses({workdir!r})],
+                  "evals": r.eval_history}}))
+"""
+
+
+def _run_on_devices(n, mesh, workdir):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _DEVICE_RUN.format(root=ROOT, mesh=mesh, workdir=str(workdir))],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_same_losses_as_one(tmp_path):
+  one = _run_on_devices(1, "dict(data=-1)", tmp_path / "one")
+  dp = _run_on_devices(8, "dict(data=-1)", tmp_path / "dp")
+  tp = _run_on_devices(8, "dict(data=4, model=2)", tmp_path / "tp")
+  assert (one["devices"], dp["devices"], tp["devices"]) == (1, 8, 8)
+  np.testing.assert_allclose(dp["losses"], one["losses"], atol=1e-5)
+  np.testing.assert_allclose(tp["losses"], one["losses"], atol=1e-5)
+  np.testing.assert_allclose([l for _, l in dp["evals"]], [l for _, l in one["evals"]], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "jaxlm.train", "--config", TINY, "--workdir", str(workdir),
+         "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
+         "--config.model.d_ff=64", "--config.train.steps=400", "--config.train.log_every=5",
+         "--config.train.eval_every=200", "--config.train.save_every=1000", "--config.train.sample_tokens=30",
+         "--config.data.eval_batches=2"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, output[-3000:]
+  assert "interrupted" in output
+  stopped_at = RunCheckpointer(str(workdir)).latest_step()
+  assert 10 <= stopped_at < 400
+  output = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
+  assert "finished at step 400" in output and "sample" in output
+  steps = [s for s, _ in losses(workdir)]
+  assert steps == sorted(set(steps)) and steps[-1] == 400
