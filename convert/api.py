@@ -68,6 +68,19 @@ def _resolved_model(model_dict) -> dict:
   return model
 
 
+def _tokenizer_specials(tokenizer_dir: Optional[str]) -> dict:
+  """bos/eos/pad ids from a model's tokenizer.json (for formats whose config records them)."""
+  import json
+  path = os.path.join(tokenizer_dir, modeldir.TOKENIZER_FILE) if tokenizer_dir else ""
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    tok = json.load(f)
+  if tok.get("kind") == "gpt2":
+    return {"bos_id": 50256, "eos_id": 50256}  # <|endoftext|>
+  return {k: tok[k] for k in ("bos_id", "eos_id", "pad_id") if tok.get(k) is not None}
+
+
 def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "latest",
               options: Optional[argparse.Namespace] = None, overwrite: bool = False, **kwargs) -> str:
   """Writes a jaxlm model (model directory or training workdir) in an original format; returns the path."""
@@ -84,6 +97,7 @@ def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "la
   model = _resolved_model(loaded.model_dict)
   params = traverse_util.flatten_dict(loaded.params, sep="/")
   source = loaded.source if loaded.source.get("family") == chosen.name else {}
+  options.tokenizer_specials = _tokenizer_specials(loaded.tokenizer_dir)
   if os.path.isdir(out) and not chosen.writes_directory:
     out = os.path.join(out, chosen.filename(model, source))
   try:

@@ -51,9 +51,24 @@ def rules_from_config(mesh_cfg) -> Tuple[Tuple[str, Any], ...]:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned (others are replicated)."""
+  """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned (others are replicated).
+
+  A dimension that the mesh axes do not divide evenly (say a 65-character vocabulary over model=2) stays
+  replicated instead of failing: correct, just less sharded.
+  """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shapes = nn.unbox(boxed_tree)
+  return jax.tree.map(lambda sh, x: _divisible(sh, x.shape, mesh), shardings, shapes)
+
+
+def _divisible(named: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
+  spec = []
+  for dim, axes in zip(shape, tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    spec.append(axes if dim % ways == 0 else None)
+  return NamedSharding(mesh, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,161 @@
+"""YingGem-T1 (naidezhujimo/YingGem-T1, model.py): `yinggem_best.pth`, a plain state_dict.
+
+Sizes come from tensor shapes (head_dim from the saved RoPE buffer `rope.freqs`, so the head count too); what
+the file cannot say (attention_window, rms_norm_eps, attention_dropout, max_position_embeddings) comes from
+--attention-window, else a config.json beside the file (YingGemConfig field names), else YingGemConfig's
+defaults (window 1024, eps 1e-6, dropout 0.2).
+Architecture: pre-RMSNorm, biased q/k/v/o, rotate-half RoPE, NO causal mask (query i sees keys j >= i - W + 1,
+the future included), MLP proj -> a * sigmoid(g) -> Linear, untied head with bias.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import sys
+from typing import Dict, Mapping
+
+import numpy as np
+
+from convert import family as fam
+from convert import layout, torchfile
+from convert.errors import ConversionError
+
+# YingGemConfig defaults for what the checkpoint does not store.
+DEFAULTS = {"attention_window": 1024, "rms_norm_eps": 1e-6, "attention_dropout": 0.2,
+            "max_position_embeddings": 1024}
+FIXED = {"norm": "rms", "glu": "sigmoid", "rope_style": "half", "attn_bias": True, "mlp_bias": True,
+         "head_bias": True, "tie_embeddings": False}
+ORIGINAL_BEHAVIOUR = {"causal": False}
+BLOCK_MODULES = ("", ".attn_norm", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj", ".attn.o_proj",
+                 ".attn.rope", ".attn.dropout", ".mlp_norm", ".mlp", ".mlp.0", ".mlp.0.proj", ".mlp.1")
+PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
+
+
+def schema(v: int, d: int, n_layers: int, hd: int, f: int) -> Dict[str, tuple]:
+  s = collections.OrderedDict([("embed.weight", (v, d))])
+  for i in range(n_layers):
+    p = f"block.{i}."
+    s[p + "attn_norm.weight"] = (d,)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      s[p + f"attn.{name}.weight"], s[p + f"attn.{name}.bias"] = (d, d), (d,)
+    s.update([(p + "attn.rope.freqs", (hd // 2,)), (p + "mlp_norm.weight", (d,)),
+              (p + "mlp.0.proj.weight", (2 * f, d)), (p + "mlp.0.proj.bias", (2 * f,)),
+              (p + "mlp.1.weight", (d, f)), (p + "mlp.1.bias", (d,))])
+  s.update([("norm.weight", (d,)), ("lm_head.weight", (v, d)), ("lm_head.bias", (v,))])
+  return s
+
+
+class YingGem(fam.Family):
+  name = "yinggem"
+  summary = "YingGem-T1 yinggem_best.pth (plain state_dict)"
+  default_filename = "yinggem_best.pth"
+
+  def add_arguments(self, parser):
+    parser.add_argument("--attention-window", type=int, default=None,
+                        help="yinggem: sliding window W (not stored in the checkpoint). Default: attention_window "
+                             "of a config.json beside the checkpoint if present, else 1024 (YingGemConfig)")
+
+  def sniff(self, src, obj):
+    return isinstance(obj, Mapping) and "block.0.attn.q_proj.weight" in obj and "lm_head.weight" in obj
+
+  def read(self, src, obj, options):
+    if not self.sniff(src, obj):
+      raise ConversionError(f"{src}: not a YingGem state_dict (expected keys 'block.0.attn.q_proj.weight' "
+                            "and 'lm_head.weight')")
+    for key in ("embed.weight", "block.0.attn.rope.freqs", "block.0.mlp.1.weight"):
+      if key not in obj:
+        raise ConversionError(f"{src}: missing tensor {key!r}")
+    v, d = obj["embed.weight"].shape
+    hd = 2 * obj["block.0.attn.rope.freqs"].shape[0]
+    if not hd or d % hd:
+      raise ConversionError(f"{src}: head_dim {hd} (from block.0.attn.rope.freqs) does not divide hidden {d}")
+    n, f = d // hd, obj["block.0.mlp.1.weight"].shape[1]
+    n_layers = layout.count_by_prefix(list(obj), "block.", ".attn_norm.weight")
+    side = fam.read_sidecar(src) or {}
+    for key, value in (("vocab_size", v), ("hidden_size", d), ("num_hidden_layers", n_layers),
+                       ("num_attention_heads", n), ("intermediate_size", f)):
+      if key in side and side[key] != value:
+        raise ConversionError(f"{src}: config.json beside the checkpoint says {key}={side[key]!r} but the "
+                              f"tensors say {value}")
+    state = layout.check_state_dict(obj, schema(v, d, n_layers, hd, f), src)
+    theta = None
+    for i in range(n_layers):
+      key = f"block.{i}.attn.rope.freqs"
+      t = layout.rope_theta_from_buffer(state[key], hd, key, src)
+      if theta is not None and t != theta:
+        raise ConversionError(f"{src}: {key} uses RoPE theta {t:g}, layer 0 uses {theta:g}")
+      theta = t
+    params = {"embed/embedding": state["embed.weight"], "final_norm/scale": state["norm.weight"],
+              "head/kernel": layout.linear(state["lm_head.weight"]), "head/bias": state["lm_head.bias"]}
+    for i in range(n_layers):
+      p, j = f"block.{i}.", f"layers_{i}/"
+      params[j + "attn_norm/scale"] = state[p + "attn_norm.weight"]
+      for torch_name, jax_name in PROJECTIONS:
+        params[j + f"attn/{jax_name}/kernel"] = layout.heads_in(state[p + f"attn.{torch_name}.weight"], n)
+        params[j + f"attn/{jax_name}/bias"] = layout.heads_bias(state[p + f"attn.{torch_name}.bias"], n)
+      params[j + "attn/out/kernel"] = layout.heads_out(state[p + "attn.o_proj.weight"], n)
+      params[j + "attn/out/bias"] = state[p + "attn.o_proj.bias"]
+      params[j + "mlp_norm/scale"] = state[p + "mlp_norm.weight"]
+      value_w, gate_w = state[p + "mlp.0.proj.weight"][:f], state[p + "mlp.0.proj.weight"][f:]  # chunk(2)
+      value_b, gate_b = state[p + "mlp.0.proj.bias"][:f], state[p + "mlp.0.proj.bias"][f:]
+      params[j + "mlp/wi/kernel"] = layout.glu_in(value_w, gate_w)
+      params[j + "mlp/wi/bias"] = layout.glu_bias(value_b, gate_b)
+      params[j + "mlp/wo/kernel"] = layout.linear(state[p + "mlp.1.weight"])
+      params[j + "mlp/wo/bias"] = state[p + "mlp.1.bias"]
+    window = getattr(options, "attention_window", None) or side.get("attention_window", DEFAULTS["attention_window"])
+    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+             "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "rms",
+             "norm_eps": float(side.get("rms_norm_eps", DEFAULTS["rms_norm_eps"])), "rope_style": "half",
+             "rope_theta": theta, "glu": "sigmoid", "attn_bias": True, "mlp_bias": True, "head_bias": True,
+             "tie_embeddings": False, "causal": False, "attention_window": int(window), "dropout": 0.0,
+             "attention_dropout": float(side.get("attention_dropout", DEFAULTS["attention_dropout"])),
+             "embed_init_std": 0.02, "init_std": 0.02 / math.sqrt(2 * n_layers),
+             "max_seq_len": int(side.get("max_position_embeddings", DEFAULTS["max_position_embeddings"]))}
+    notes = [f"attention_window={window} from " + ("--attention-window" if getattr(options, "attention_window", None)
+                                                    else "config.json beside the checkpoint"
+                                                    if "attention_window" in side else "the YingGemConfig default")]
+    source = {"family": self.name, "file": src, "dtypes": layout.source_dtypes(state), "notes": notes}
+    tokenizer = {"kind": "gpt2", "assets_dir": None} if v == 50257 else {
+        "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
+    return fam.Imported(model, params, tokenizer, source)
+
+  def write(self, model, params, source, out, options):
+    d, n = model["d_model"], model["n_heads"]
+    fam.require(model, {**FIXED, "n_kv_heads": n, "head_dim": d // n}, "YingGem")
+    fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "YingGem")
+    window = fam.window_of(model)
+    settings = {"attention_window": window, "rms_norm_eps": model["norm_eps"],
+                "attention_dropout": model["attention_dropout"]}
+    differ = {k: v for k, v in settings.items() if v != DEFAULTS[k]}
+    if window == 0:
+      print("warning: the model has no attention window; the original always applies one (set "
+            "YingGemConfig.attention_window >= the longest sequence)", file=sys.stderr)
+    elif differ:
+      print(f"note: the checkpoint does not store {', '.join(f'{k}={v!r}' for k, v in differ.items())}; set them "
+            "on YingGemConfig when loading it with the original code", file=sys.stderr)
+    inv_freq = layout.torch_rope_inv_freq(d // n, float(model["rope_theta"]))
+    items = [("embed.weight", params["embed/embedding"])]
+    for i in range(model["n_layers"]):
+      p, j = f"block.{i}.", f"layers_{i}/"
+      items.append((p + "attn_norm.weight", params[j + "attn_norm/scale"]))
+      for torch_name, jax_name in PROJECTIONS:
+        items += [(p + f"attn.{torch_name}.weight", layout.unheads_in(params[j + f"attn/{jax_name}/kernel"])),
+                  (p + f"attn.{torch_name}.bias", layout.unheads_bias(params[j + f"attn/{jax_name}/bias"]))]
+      value_w, gate_w = layout.unglu(params[j + "mlp/wi/kernel"])
+      value_b, gate_b = layout.unglu_bias(params[j + "mlp/wi/bias"])
+      items += [(p + "attn.o_proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
+                (p + "attn.o_proj.bias", params[j + "attn/out/bias"]),
+                (p + "attn.rope.freqs", inv_freq.copy()),
+                (p + "mlp_norm.weight", params[j + "mlp_norm/scale"]),
+                (p + "mlp.0.proj.weight", np.concatenate([value_w, gate_w], axis=0)),
+                (p + "mlp.0.proj.bias", np.concatenate([value_b, gate_b])),
+                (p + "mlp.1.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
+                (p + "mlp.1.bias", params[j + "mlp/wo/bias"])]
+    items += [("norm.weight", params["final_norm/scale"]), ("lm_head.weight", layout.unlinear(params["head/kernel"])),
+              ("lm_head.bias", params["head/bias"])]
+    modules = ["", "embed", "block"] + [f"block.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
+    torchfile.save(torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "lm_head"]),
+                   out)
+
+
+fam.register(YingGem())
