@@ -204,7 +204,10 @@ class Llama(fam.Family):
     if not model["tie_embeddings"]:
       tensors["lm_head.weight"] = layout.unlinear(params["head/kernel"])
     expected = schema(model)
-    assert list(tensors) == list(expected) and all(tensors[k].shape == s for k, s in expected.items()), "layout bug"
+    wrong = [k for k in expected if k not in tensors or tensors[k].shape != expected[k]]
+    if wrong or len(tensors) != len(expected):
+      raise ConversionError(f"internal layout error at {wrong[:1] or sorted(set(tensors) - set(expected))[:1]}")
+    tensors = {k: tensors[k] for k in expected}  # LlamaForCausalLM parameter order
     os.makedirs(out, exist_ok=True)
     safetensors_file.save({k: np.asarray(v, np.float32) for k, v in tensors.items()},
                           os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -8,6 +8,7 @@ class, or building an instance of it, only stores the arguments and state it was
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import copyreg
 import io
@@ -130,6 +131,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     self._persistent_load = persistent_load
 
   def find_class(self, module, name):
+    # Protocol <= 2 pickles use Python 2 names ("__builtin__ set"); map them as pickle's fix_imports does.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+      module = _compat_pickle.IMPORT_MAPPING[module]
     if (module, name) in self._globals:
       return self._globals[(module, name)]
     return inert_class(module, name)
