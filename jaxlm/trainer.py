@@ -39,15 +39,10 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------ pure steps
-def weighted_xent(logits_BxTxV, targets_BxT, weights_BxT) -> Tuple[jax.Array, jax.Array]:
-  """(sum of weighted token cross-entropies, sum of weights)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-  return jnp.sum(losses * weights_BxT), jnp.sum(weights_BxT)
-
-
-def _loss_sum(params, batch, rng, module):
-  logits = module.apply({"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": rng})
-  return weighted_xent(logits, batch["targets"], batch["weights"])
+def _loss_sums(params, batch, rng, module, deterministic=False):
+  """Every architecture's `loss` method returns (objective sum, weight sum, {metric name: sum})."""
+  return module.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng},
+                      method="loss")
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Array, *, module, optimizer,
@@ -58,32 +53,39 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Arr
   mean loss over the whole batch, whatever the split.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
-  def micro_step(carry, xs):
-    grads_acc, loss_acc, w_acc = carry
-    mb, i = xs
-    (loss_sum, w_sum), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), module)
-    return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, w_acc + w_sum), None
+  def objective(params, mb, mb_rng):
+    total, weight, sums = _loss_sums(params, mb, mb_rng, module)
+    return total, (weight, sums)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   if grad_accum == 1:
-    (loss_sum, w_sum), grads = grad_fn(state.params, batch, rng, module)
+    (total, (weight, sums)), grads = grad_fn(state.params, batch, rng)
   else:
     micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss_sum, w_sum), _ = jax.lax.scan(
-        micro_step, (zeros, jnp.float32(0), jnp.float32(0)), (micro_batches, jnp.arange(grad_accum)))
-  w_sum = jnp.maximum(w_sum, 1.0)
-  grads = jax.tree.map(lambda g: g / w_sum, grads)
+
+    def micro_step(acc, xs):
+      mb, i = xs
+      out, grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, acc, (out, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
+    ((total, (weight, sums)), grads), _ = jax.lax.scan(micro_step, zeros, (micro_batches, jnp.arange(grad_accum)))
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / w_sum, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": total / weight, "grad_norm": optax.tree.norm(grads),
+             **{k: v / weight for k, v in sums.items()}}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, module) -> Tuple[jax.Array, jax.Array]:
-  logits = module.apply({"params": params}, batch["inputs"], deterministic=True)
-  return weighted_xent(logits, batch["targets"], batch["weights"])
+  """(sum of token cross-entropies, sum of weights) on one batch."""
+  _, weight, sums = _loss_sums(params, batch, jax.random.key(0), module, deterministic=True)
+  return sums["xent"], weight
 
 
 # ------------------------------------------------------------------------------------------ setup helpers
@@ -240,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         elapsed = time.perf_counter() - window_start
         last_loss = losses[-1]
         row = {"step": step, "loss": float(np.mean(losses)), "tokens_per_sec": window_steps * tokens_per_step / elapsed,
-               "lr": float(schedule(step - 1)), "grad_norm": float(step_metrics["grad_norm"])}
+               "lr": float(schedule(step - 1)),
+               **{k: float(v) for k, v in step_metrics.items() if k not in ("loss", "xent")}}
         if not all(map(math.isfinite, losses)):
           raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
         writer.write(row)

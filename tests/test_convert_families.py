@@ -47,8 +47,13 @@ def converted(tmp_path_factory):
 
 def _logits(model_dir, ids, mask=None):
   _, module, params, _ = modeldir.load_model_dir(model_dir)
-  out = module.apply({"params": params}, jnp.asarray(ids), padding_mask_BxT=None if mask is None else jnp.asarray(mask))
-  return np.asarray(out)
+  return forward(module, params, ids, mask)
+
+
+def forward(module, params, ids, mask=None):
+  """Jitted: one XLA compile instead of one per primitive (keeps the tests fast)."""
+  apply = jax.jit(lambda p, t, m: module.apply({"params": p}, t, padding_mask_BxT=m))
+  return np.asarray(apply(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
 
 
 # ----------------------------------------------------------------------------------- fixture logits
@@ -314,7 +319,8 @@ RANDOM_MODELS = {
 def random_params(model_dict, seed=0):
   """jaxlm-initialised params, then perturbed so biases and norm scales are not trivially 0 / 1."""
   _, module = build_model(model_dict)
-  params = linen.meta.unbox(module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = linen.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = jax.tree.map(np.asarray, params)  # perturb in numpy: no per-op XLA compiles
   rng = np.random.default_rng(seed)
   return module, jax.tree.map(lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(np.float32), params)
 
@@ -349,8 +355,7 @@ def test_export_of_a_jaxlm_model_runs_in_an_independent_torch_implementation(fam
   with torch.no_grad():
     args = (torch.tensor(mask),) if family == "hrom" else ()
     expected = reference(torch.tensor(ids).long(), *args).numpy()
-  got = np.asarray(module.apply({"params": params}, jnp.asarray(ids),
-                                padding_mask_BxT=jnp.asarray(mask) if family == "hrom" else None))
+  got = forward(module, params, ids, mask if family == "hrom" else None)
   err = np.abs(got - expected).max()
   print(f"\n{family}: jaxlm-initialised model exported, independent torch forward max abs error {err:.3g}")
   assert err <= ATOL

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import layers
+from jaxlm.models import layers, losses
 from jaxlm.models.config_base import ModelConfigBase, register
 
 Array = jax.Array
@@ -137,3 +137,9 @@ class Decoder(nn.Module):
           kernel_init=layers._init(c.head_init_std or c.init_std, (layers.EMBED, layers.VOCAB)),
           bias_init=layers._zeros((layers.VOCAB,)))(x_BxTxD)
     return logits.astype(jnp.float32)
+
+  def loss(self, batch, deterministic: bool = True):
+    """Next-token cross-entropy: (sum, weight sum, {'xent': sum})."""
+    logits = self(batch["inputs"], deterministic=deterministic)
+    xent, weight = losses.weighted_xent(logits, batch["targets"], batch["weights"])
+    return xent, weight, {"xent": xent}
