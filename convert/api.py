@@ -19,16 +19,20 @@ def _options(options: Optional[argparse.Namespace], **kwargs) -> argparse.Namesp
   return argparse.Namespace(**merged)
 
 
-def _is_torch_zip(src: str) -> bool:
-  import zipfile
-  return os.path.isfile(src) and zipfile.is_zipfile(src)
+def _load(src: str) -> Any:
+  """The unpickled object of a torch checkpoint file, None for folders and safetensors files.
+
+  Any other file is read as a torch checkpoint, so a truncated or corrupt one gets an error naming it."""
+  if not os.path.exists(src):
+    raise ConversionError(f"{src}: no such file or directory")
+  if os.path.isdir(src) or src.endswith(".safetensors"):
+    return None
+  return torchfile.load(src)
 
 
 def detect(src: str) -> Tuple[fam.Family, Any]:
   """(family, unpickled object or None) for a checkpoint file or folder; errors name the file."""
-  if not os.path.exists(src):
-    raise ConversionError(f"{src}: no such file or directory")
-  obj = torchfile.load(src) if _is_torch_zip(src) else None
+  obj = _load(src)
   for family in fam.FAMILIES.values():
     if family.sniff(src, obj):
       return family, obj
@@ -45,9 +49,7 @@ def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optiona
     chosen, obj = detect(src)
   else:
     chosen = fam.get(family)
-    if not os.path.exists(src):
-      raise ConversionError(f"{src}: no such file or directory")
-    obj = torchfile.load(src) if _is_torch_zip(src) else None
+    obj = _load(src)
   if os.path.lexists(out) and not overwrite:  # fail before the (possibly long) conversion
     raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
   imported = chosen.read(src, obj, options)

@@ -108,7 +108,7 @@ class Llama(fam.Family):
   writes_directory = True
 
   def sniff(self, src, obj):
-    if obj is not None or not os.path.isfile(os.path.join(_folder(src), "config.json")):
+    if not os.path.isfile(os.path.join(_folder(src), "config.json")):
       return False
     try:
       return _hf_config(src).get("model_type") == "llama"
@@ -140,7 +140,7 @@ class Llama(fam.Family):
                "max_seq_len": int(cfg.get("max_position_embeddings", 2048))}
     except KeyError as e:
       raise ConversionError(f"{where}: missing field {e.args[0]!r}") from None
-    tensors = _tensors(src)
+    tensors = dict(obj) if isinstance(obj, Mapping) else _tensors(src)  # obj: an unpickled pytorch_model.bin
     if model["tie_embeddings"]:
       tensors.pop("lm_head.weight", None)  # some writers store the tied copy as well
     tensors = {k: t for k, t in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
