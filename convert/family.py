@@ -90,18 +90,6 @@ def window_of(model: Mapping[str, Any]) -> int:
   return int(w)
 
 
-def n_kv(model: Mapping[str, Any]) -> int:
-  return int(model.get("n_kv_heads") or model["n_heads"])
-
-
-def head_dim(model: Mapping[str, Any]) -> int:
-  return int(model.get("head_dim") or model["d_model"] // model["n_heads"])
-
-
-def sidecar(obj: Optional[Mapping[str, Any]], key: str, default: Any) -> Any:
-  return obj.get(key, default) if obj else default
-
-
 def read_sidecar(src: str) -> Optional[Dict[str, Any]]:
   """The original project's config.json beside a checkpoint file, if there is one (values not in the file)."""
   import json

@@ -117,7 +117,7 @@ class HROM(fam.Family):
         params[j + f"{jax_norm}/scale"] = state[p + f"{norm}.weight"]
         params[j + f"{jax_norm}/bias"] = state[p + f"{norm}.bias"]
     dropout = float(config.get("dropout", DEFAULT_CONFIG["dropout"]))
-    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+    model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
              "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "layer", "norm_eps": 1e-5,
              "rope_style": "half", "rope_theta": theta, "glu": "sigmoid", "attn_bias": True, "mlp_bias": True,
              "head_bias": True, "tie_embeddings": False, "causal": True, "attention_window": 0,

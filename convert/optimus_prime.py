@@ -24,7 +24,7 @@ from convert.unpickle import inert_class
 DEFAULT_NUM_HEADS = 8           # ModelConfig.num_heads
 DEFAULT_NUM_KV_HEADS = 2        # ModelConfig.num_kv_heads
 RMS_EPS = float(np.finfo(np.float32).eps)  # nn.RMSNorm(eps=None) uses finfo(dtype).eps
-ROPE_MAX_SEQ_LEN = 4096         # torchtune RotaryPositionalEmbeddings cache: longer inputs fail
+DEFAULT_MAX_LENGTH = 512       # TrainingConfig.max_length (torchtune's RoPE cache would allow 4096)
 TOP_LEVEL_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "val_loss", "config")
 # Defaults of config.TrainingConfig, in field order (written when exporting a model trained in jaxlm).
 TRAINING_CONFIG = collections.OrderedDict([
@@ -130,12 +130,12 @@ class OptimusPrime(fam.Family):
           j + "mlp/wi/bias": layout.glu_bias(state[p + "mlp.w1.bias"], state[p + "mlp.w2.bias"]),
           j + "mlp/wo/kernel": layout.linear(state[p + "mlp.w3.weight"]),
           j + "mlp/wo/bias": state[p + "mlp.w3.bias"]})
-    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+    model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
              "n_kv_heads": k, "head_dim": hd, "d_ff": f, "norm": "rms", "norm_eps": RMS_EPS,
              "rope_style": "interleaved", "rope_theta": 10000.0, "glu": "silu", "attn_bias": False,
              "mlp_bias": True, "head_bias": False, "tie_embeddings": False, "causal": True,
              "attention_window": 0, "dropout": 0.0, "attention_dropout": 0.0, "embed_init_std": 0.02,
-             "init_std": 0.02, "max_seq_len": ROPE_MAX_SEQ_LEN}
+             "init_std": 0.02, "max_seq_len": _max_length(obj if wrapped else None)}
     notes = [f"num_heads={n} from {heads_from}"]
     extras: Dict[str, Any] = {}
     if wrapped:
@@ -199,6 +199,13 @@ class OptimusPrime(fam.Family):
         entries[key] = value
     order = [k for k in extras.get("keys", TOP_LEVEL_KEYS) if k in entries]
     return {k: entries[k] for k in order + [k for k in entries if k not in order]}
+
+
+def _max_length(obj) -> int:
+  """TrainingConfig.max_length from the pickled config record, if the checkpoint has one."""
+  state = getattr(obj.get("config"), "state", None) if isinstance(obj, dict) else None
+  value = state.get("max_length") if isinstance(state, dict) else None
+  return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_LENGTH
 
 
 def _n_params(n_layers: int) -> int:

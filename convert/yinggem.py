@@ -103,7 +103,7 @@ class YingGem(fam.Family):
       params[j + "mlp/wo/kernel"] = layout.linear(state[p + "mlp.1.weight"])
       params[j + "mlp/wo/bias"] = state[p + "mlp.1.bias"]
     window = getattr(options, "attention_window", None) or side.get("attention_window", DEFAULTS["attention_window"])
-    model = {"arch": "decoder", "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
+    model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
              "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "rms",
              "norm_eps": float(side.get("rms_norm_eps", DEFAULTS["rms_norm_eps"])), "rope_style": "half",
              "rope_theta": theta, "glu": "sigmoid", "attn_bias": True, "mlp_bias": True, "head_bias": True,

@@ -10,9 +10,20 @@ import os
 import ml_collections
 
 
-def base_config() -> ml_collections.ConfigDict:
+def model_section(arch: str = "decoder") -> ml_collections.ConfigDict:
+  """Every field of the architecture's config class with its default, so any of them can be overridden."""
+  import jaxlm.models  # noqa: F401  (registers every architecture)
+  from jaxlm.models import config_base
+  if arch not in config_base._REGISTRY:
+    raise ValueError(f"unknown model.arch {arch!r}; known: {sorted(config_base._REGISTRY)}")
+  fields = config_base._REGISTRY[arch][0]().to_dict()
+  fields["family"] = ""
+  return ml_collections.ConfigDict(fields)
+
+
+def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict({"arch": "decoder", "family": ""})
+  c.model = model_section(arch)
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "tinyshakespeare"     # shipped corpus name or a path (.txt / .jsonl)

@@ -3,6 +3,7 @@
 Running the same command again resumes from DIR's latest checkpoint.
 """
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -13,6 +14,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def unknown_overrides(argv) -> list:
+  """`--config.a.b=v` overrides whose field does not exist, as 'a.b (known: ...)' strings."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return []
+  from jaxlm.config_defaults import load_config
+  config = load_config(spec)
+  problems = []
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for i, key in enumerate(path):
+      if not hasattr(node, "keys") or key not in node:
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+        problems.append(f"{'.'.join(path[:i + 1])} (known fields there: {known})")
+        break
+      node = node[key]
+  return problems
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -20,12 +45,26 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from jaxlm import trainer
-  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    logging.getLogger("jaxlm.train").debug("details", exc_info=True)
+    sys.exit(f"error: {e}")
   status = "interrupted (resume with the same command)" if result.interrupted else (
       "stopped early" if result.stopped_early else "finished")
   print(f"{status} at step {result.step}: last train loss {result.last_loss:.4f}, "
         f"best validation loss {result.best_eval_loss:.4f}", flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  try:
+    bad = unknown_overrides(sys.argv[1:])
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if bad:
+    sys.exit("error: unknown config field(s): " + "; ".join(bad))
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -138,3 +138,21 @@ def test_cli_end_to_end_and_error_exit(tmp_path, capsys):
   result = subprocess.run([sys.executable, "-m", "convert", "torch2jax", "--help"], cwd=REPO,
                           capture_output=True, text=True, check=True)
   assert "--num-heads" in result.stdout and "--attention-window" in result.stdout and "else 8" in result.stdout
+
+
+def test_truncated_safetensors_names_the_file_and_tensor(tmp_path):
+  from convert import safetensors_file
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 4, '
+                                  '"num_hidden_layers": 0, "num_attention_heads": 1, "tie_word_embeddings": true}')
+  safetensors_file.save({"model.embed_tokens.weight": np.ones((8, 4), np.float32),
+                         "model.norm.weight": np.ones(4, np.float32)}, str(hf / "model.safetensors"))
+  data = (hf / "model.safetensors").read_bytes()
+  (hf / "model.safetensors").write_bytes(data[:-10])
+  with pytest.raises(ConversionError, match=r"model\.safetensors: tensor '.*' ends at byte .*truncated"):
+    api.torch2jax(str(hf), str(tmp_path / "out"), family="llama")
+  (hf / "model.safetensors").write_bytes(data[:5])
+  with pytest.raises(ConversionError, match=r"model\.safetensors: truncated"):
+    api.torch2jax(str(hf), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

@@ -168,3 +168,22 @@ def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
   assert "finished at step 400" in output and "sample" in output
   steps = [s for s, _ in losses(workdir)]
   assert steps == sorted(set(steps)) and steps[-1] == 400
+
+
+def test_cli_names_unknown_override_fields():
+  from jaxlm.train import unknown_overrides
+  bad = unknown_overrides(["--config", TINY, "--config.model.n_hidden=3", "--config.train.steps=5",
+                           "--config.optim.lr=1"])
+  assert len(bad) == 2
+  assert bad[0].startswith("model.n_hidden (known fields there: ") and "d_model" in bad[0]
+  assert bad[1].startswith("optim (known fields there: data, mesh, model, opt, train)")
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  out = subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                        f"--config.data.corpus={empty}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith("error: ") and str(empty) in out.stderr
+  assert "Traceback" not in out.stderr
