@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 
 from convert import FAMILIES
 from convert.errors import ConversionError

@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   bundle = data_lib.build_data(config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
                                tokenizer_dir=tokenizer_dir)
-  model_dict = _model_dict(config, bundle.tokenizer.vocab_size)
+  model_dict = _model_dict(config, bundle.vocab_size)
   model_cfg, module = build_model(model_dict)
   model_dict = model_cfg.to_dict()
   optimizer, schedule = optim.make_optimizer(config.opt, tc.steps)

@@ -4,9 +4,7 @@ Fixtures (tests/fixtures/<family>/) were made by the original code (see each fol
 `*Reference` torch modules below are independent re-implementations of the original forward passes, written
 from the specs, used to check exports of jaxlm-initialised (random) models with strict load_state_dict.
 """
-import collections
 import dataclasses
-import glob
 import math
 import os
 import sys
