@@ -7,6 +7,8 @@ One module per format (hrom, optimus_prime, yinggem, llama), each registering a 
 Checkpoints are read without torch and without executing pickled code (see unpickle.py, torchfile.py).
 """
 from convert import hrom, llama, optimus_prime, yinggem  # noqa: F401  (each registers its family)
+from convert import hrm_text1  # noqa: F401
+from convert import hrm  # noqa: F401
 from convert.errors import ConversionError
 from convert.family import FAMILIES
 

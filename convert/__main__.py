@@ -35,13 +35,13 @@ def _parser() -> argparse.ArgumentParser:
   j2t.add_argument("--out", required=True,
                    help="file to write (a folder for llama); an existing directory gets the original file name")
   j2t.add_argument("--family", choices=sorted(FAMILIES),
-                   help="target format; defaults to the family the model was imported from")
+                   help="target format; defaults to the model's own family (where it was imported from, "
+                        "or model.family of a training run)")
   j2t.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="checkpoint of a training workdir to export (default latest)")
   j2t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-  for f in FAMILIES.values():
-    for p in (t2j, j2t):
-      f.add_arguments(p.add_argument_group(f"{f.name} options"))
+  for f in FAMILIES.values():  # values an original checkpoint does not store
+    f.add_arguments(t2j.add_argument_group(f"{f.name} options"))
   return parser
 
 

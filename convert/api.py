@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any, Optional, Tuple
 
@@ -36,8 +37,12 @@ def detect(src: str) -> Tuple[fam.Family, Any]:
   for family in fam.FAMILIES.values():
     if family.sniff(src, obj):
       return family, obj
-  what = (f"a torch checkpoint with top-level {'keys ' + str(list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__}"
-          if obj is not None else "not a torch checkpoint nor a Hugging Face Llama folder")
+  if obj is None:
+    what = "neither a torch checkpoint nor a Hugging Face Llama folder"
+  elif isinstance(obj, dict):
+    what = f"a torch checkpoint with top-level keys {list(obj)[:6]}"
+  else:
+    what = f"a torch checkpoint holding a {type(obj).__name__}"
   raise ConversionError(f"{src}: cannot tell the family ({what}); pass --family, one of {sorted(fam.FAMILIES)}")
 
 
@@ -45,14 +50,15 @@ def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optiona
               overwrite: bool = False, **kwargs) -> str:
   """Reads an original checkpoint and writes a jaxlm model directory at `out`; returns its path."""
   options = _options(options, **kwargs)
+  if os.path.lexists(out) and not overwrite:  # fail before reading a (possibly large) checkpoint
+    raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
   if family is None:
     chosen, obj = detect(src)
   else:
     chosen = fam.get(family)
     obj = _load(src)
-  if os.path.lexists(out) and not overwrite:  # fail before the (possibly long) conversion
-    raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
   imported = chosen.read(src, obj, options)
+  imported.source["file"] = os.path.abspath(src)
   params = traverse_util.unflatten_dict(imported.params, sep="/")
   try:
     return modeldir.save_model_dir(out, imported.model, params, imported.tokenizer, imported.source,
@@ -62,25 +68,24 @@ def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optiona
 
 
 def _resolved_model(model_dict) -> dict:
-  """All DecoderConfig fields, with n_kv_heads and head_dim resolved (0 means "default" in jaxlm)."""
+  """Every config field of the model's arch, with a decoder's n_kv_heads and head_dim resolved (0 means
+  "default" in jaxlm) so a format's checks compare real values."""
   from jaxlm.models import build_model
   config, _ = build_model(model_dict)
   model = config.to_dict()
-  model["n_kv_heads"], model["head_dim"] = config.kv_heads, config.resolved_head_dim
+  for field, resolved in (("n_kv_heads", "kv_heads"), ("head_dim", "resolved_head_dim")):
+    if field in model and hasattr(config, resolved):
+      model[field] = getattr(config, resolved)
   return model
 
 
-def _tokenizer_specials(tokenizer_dir: Optional[str]) -> dict:
-  """bos/eos/pad ids from a model's tokenizer.json (for formats whose config records them)."""
-  import json
+def _tokenizer_json(tokenizer_dir: Optional[str]) -> dict:
+  """The model's tokenizer.json ({} if it has none): formats like Llama's config record its special ids."""
   path = os.path.join(tokenizer_dir, modeldir.TOKENIZER_FILE) if tokenizer_dir else ""
   if not os.path.isfile(path):
     return {}
   with open(path, encoding="utf-8") as f:
-    tok = json.load(f)
-  if tok.get("kind") == "gpt2":
-    return {"bos_id": 50256, "eos_id": 50256}  # <|endoftext|>
-  return {k: tok[k] for k in ("bos_id", "eos_id", "pad_id") if tok.get(k) is not None}
+    return json.load(f)
 
 
 def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "latest",
@@ -99,12 +104,12 @@ def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "la
   model = _resolved_model(loaded.model_dict)
   params = traverse_util.flatten_dict(loaded.params, sep="/")
   source = loaded.source if loaded.source.get("family") == chosen.name else {}
-  options.tokenizer_specials = _tokenizer_specials(loaded.tokenizer_dir)
+  tokenizer = _tokenizer_json(loaded.tokenizer_dir)
   if os.path.isdir(out) and not chosen.writes_directory:
     out = os.path.join(out, chosen.filename(model, source))
   try:
     with modeldir.staged_output(out, is_dir=chosen.writes_directory, overwrite=overwrite) as tmp:
-      chosen.write(model, params, source, tmp, options)
+      chosen.write(model, params, source, tokenizer, tmp, options)
   except FileExistsError as e:
     raise ConversionError(str(e)) from None
   return os.path.abspath(out)

@@ -42,8 +42,12 @@ class Family(abc.ABC):
 
   @abc.abstractmethod
   def write(self, model: Mapping[str, Any], params: Mapping[str, Any], source: Mapping[str, Any],
-            out: str, options: argparse.Namespace) -> None:
-    """Writes the original format to the path `out` (a file, or a directory if writes_directory)."""
+            tokenizer: Mapping[str, Any], out: str, options: argparse.Namespace) -> None:
+    """Writes the original format to the path `out` (a file, or a directory if writes_directory).
+
+    model: every DecoderConfig field (n_kv_heads, head_dim resolved); params: flat {"a/b/kernel": array};
+    source: config.json "source" when the model came from this family, else {}; tokenizer: tokenizer.json.
+    """
 
   def filename(self, model: Mapping[str, Any], source: Mapping[str, Any]) -> str:
     return self.default_filename

@@ -117,8 +117,8 @@ class HROM(fam.Family):
         params[j + f"{jax_norm}/scale"] = state[p + f"{norm}.weight"]
         params[j + f"{jax_norm}/bias"] = state[p + f"{norm}.bias"]
     dropout = float(config.get("dropout", DEFAULT_CONFIG["dropout"]))
-    model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
-             "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "layer", "norm_eps": 1e-5,
+    model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers,
+             "n_heads": n, "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "layer", "norm_eps": 1e-5,
              "rope_style": "half", "rope_theta": theta, "glu": "sigmoid", "attn_bias": True, "mlp_bias": True,
              "head_bias": True, "tie_embeddings": False, "causal": True, "attention_window": 0,
              "dropout": dropout, "attention_dropout": dropout, "embed_init_std": 1.0, "init_std": 0.02,
@@ -137,7 +137,7 @@ class HROM(fam.Family):
                  "note": "HROM's BPE tokenizer file is not in the checkpoint; token ids pass through"}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, out, options):
+  def write(self, model, params, source, tokenizer, out, options):
     fam.require(model, {**FIXED, "n_kv_heads": model["n_heads"], "head_dim": model["d_model"] // model["n_heads"]},
                 "HROM")
     fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "HROM")

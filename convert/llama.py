@@ -172,7 +172,7 @@ class Llama(fam.Family):
               "hf_config": cfg}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, out, options):
+  def write(self, model, params, source, tokenizer, out, options):
     fam.require(model, FIXED, "Hugging Face Llama")
     if model["glu"] not in GLU_TO_HF:
       raise ConversionError(f"model.glu {model['glu']!r} has no transformers activation")
@@ -212,12 +212,12 @@ class Llama(fam.Family):
     safetensors_file.save({k: np.asarray(v, np.float32) for k, v in tensors.items()},
                           os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(self._hf_config(model, options), f, indent=2)
+      json.dump(self._hf_config(model, tokenizer), f, indent=2)
     if model["rope_style"] == "interleaved":
       print("note: interleaved RoPE exported as rotate-half by permuting q/k head_dim rows", file=sys.stderr)
 
-  def _hf_config(self, model, options) -> Dict[str, Any]:
-    specials = getattr(options, "tokenizer_specials", None) or {}
+  def _hf_config(self, model, tokenizer) -> Dict[str, Any]:
+    specials = {"bos_id": 50256, "eos_id": 50256} if tokenizer.get("kind") == "gpt2" else tokenizer  # <|endoftext|>
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": model["vocab_size"],
         "hidden_size": model["d_model"], "intermediate_size": model["d_ff"],

@@ -152,7 +152,7 @@ class OptimusPrime(fam.Family):
         "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, out, options):
+  def write(self, model, params, source, tokenizer, out, options):
     n, k, d = model["n_heads"], model["n_kv_heads"], model["d_model"]
     fam.require(model, {**FIXED, "head_dim": d // n}, "Optimus Prime")
     fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "Optimus Prime")

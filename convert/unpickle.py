@@ -99,6 +99,13 @@ def _numpy_reconstruct(subtype, shape, dtype_code):
   return np.ndarray.__new__(np.ndarray, shape, np.uint8)
 
 
+def _numpy_frombuffer(buffer, dtype, shape, order):
+  # Protocol-5 pickles of arrays: raw bytes plus dtype/shape.
+  if not isinstance(dtype, np.dtype) or dtype.hasobject or order not in ("C", "F"):
+    raise pickle.UnpicklingError("numpy _frombuffer with an object dtype is not allowed")
+  return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy(order=order)
+
+
 # Globals every reader may resolve: constructors of plain data that cannot reach the file system or code.
 SAFE_GLOBALS: Dict[Tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -114,6 +121,8 @@ SAFE_GLOBALS: Dict[Tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
 }
 
 

@@ -119,7 +119,7 @@ class YingGem(fam.Family):
         "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, out, options):
+  def write(self, model, params, source, tokenizer, out, options):
     d, n = model["d_model"], model["n_heads"]
     fam.require(model, {**FIXED, "n_kv_heads": n, "head_dim": d // n}, "YingGem")
     fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "YingGem")

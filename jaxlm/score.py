@@ -1,14 +1,15 @@
 """Logits, log-likelihood and perplexity of given token ids under a jaxlm model.
 
   python -m jaxlm.score --checkpoint DIR --tokens ids.npy [--mask mask.npy] --out logits.npy
-                        [--which latest|best] [--log-probs lp.npy] [--batch-size N]
+                        [--which latest|best] [--log-probs lp.npy] [--batch-size N] [--precision P]
 
 --checkpoint is a model directory (python -m convert torch2jax writes one) or a training workdir (its latest
 checkpoint, or --which best). --tokens holds int ids [B, T] (or [T]); --mask (1 = real token, 0 = padding)
 masks padded keys in attention, exactly as the model does in training. The model runs with its default
 inference settings (no dropout). Writes float32 logits [B, T, V]; prints the number of scored tokens, their
 mean log-likelihood (nats per token) and perplexity. Token t+1 is scored from positions <= t, and only where
-both positions are real (mask 1).
+both positions are real (mask 1). Matmuls run at full float32 precision by default (--precision highest): on
+GPUs XLA's default may use TF32, which moves logits by ~1e-3.
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help=".npy file for float32 logits [B, T, V]")
   parser.add_argument("--log-probs", help="optional .npy file for log p(token t+1) [B, T-1]")
   parser.add_argument("--batch-size", type=int, default=0, help="rows per forward pass (default: all)")
+  parser.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
+                      help="float32 matmul precision (jax.default_matmul_precision); default highest")
   args = parser.parse_args(argv)
 
   from jaxlm import modeldir
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  logits, token_lp, stats = score(module, params, tokens, mask, args.batch_size)
+  with jax.default_matmul_precision(args.precision):
+    logits, token_lp, stats = score(module, params, tokens, mask, args.batch_size)
   for path, array in ((args.out, logits), (args.log_probs, token_lp)):
     if path:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

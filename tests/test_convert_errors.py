@@ -90,6 +90,11 @@ def test_existing_out_is_left_untouched(tmp_path):
   with pytest.raises(ConversionError, match="already exists"):
     api.torch2jax(YINGGEM, str(out))
   assert leftovers(out) == ["keep.txt"]
+  api.torch2jax(YINGGEM, str(out), overwrite=True)  # --overwrite replaces it whole
+  assert leftovers(out) == ["config.json", "params", "tokenizer.json"]
+  shutil.rmtree(out)
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
   # jax2torch: a failing export leaves neither the target nor a temporary file behind
   model_dir = api.torch2jax(HROM, str(tmp_path / "hrom"))
   with pytest.raises(ConversionError, match="model.norm"):

@@ -71,9 +71,11 @@ def test_converted_model_reproduces_original_logits(converted, family):
 
 
 def test_detected_family_and_recorded_settings(converted):
+  from jaxlm.data.tokenizers import load_tokenizer
   for family, path in converted.items():
     config = modeldir.read_config(path)
-    assert config["source"]["family"] == family
+    assert config["source"]["family"] == config["model"]["family"] == family
+    assert load_tokenizer(path).vocab_size == 256  # tokenizer.json: ids pass through (fixtures are not GPT-2)
   assert modeldir.read_config(converted["optimus_prime"])["model"]["n_heads"] == 4  # from the config.json beside it
   assert modeldir.read_config(converted["yinggem"])["model"]["attention_window"] == 8
   assert modeldir.read_config(converted["hrom"])["model"]["norm"] == "layer"
@@ -362,3 +364,16 @@ def test_export_of_a_jaxlm_model_runs_in_an_independent_torch_implementation(fam
     assert checkpoint["config"].batch_size == 8 and checkpoint["epoch"] == 0
   if family == "hrom":
     assert checkpoint["config"]["dim"] == 48 and checkpoint["config"]["n_heads"] == 3 and checkpoint["step"] == 0
+
+
+def test_jax2torch_exports_a_training_workdir(converted, tmp_path):
+  """A model trained in jaxlm lives in a workdir: jax2torch takes it (family from model.family)."""
+  checkpoint = pytest.importorskip("jaxlm.checkpoint")
+  loaded = modeldir.load(converted["hrom"])
+  run = checkpoint.RunCheckpointer(str(tmp_path / "work"))
+  run.save(3, {"params": loaded.params}, None, {"model": loaded.model_dict})
+  run.close()
+  out = api.jax2torch(str(tmp_path / "work"), str(tmp_path / "hrom.pt"))
+  written, original = torchfile.load(out), torchfile.load(os.path.join(FIXTURES, CHECKPOINTS["hrom"]))
+  assert_identical(written["model"], original["model"])  # no source metadata: defaults for the other entries
+  assert written["config"]["dim"] == 64 and written["step"] == 0 and written["optimizer"]["state"] == {}

@@ -76,8 +76,11 @@ def test_torch_checkpoint_with_a_malicious_entry(tmp_path):
 def test_plain_data_round_trips_through_the_unpickler():
   value = collections.OrderedDict(a=(1, 2.5, "x"), b={3: [None, True]}, c=b"\x00\xff", d={1, 2})
   assert restricted_loads(pickle.dumps(value, protocol=2)) == value
-  scalar = restricted_loads(pickle.dumps(np.float64(1.25), protocol=2))
-  assert scalar == 1.25
+  for protocol in (2, 5):  # numpy arrays and scalars have their own (allowed, data-only) rebuilders
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    loaded = restricted_loads(pickle.dumps({"a": array, "s": np.float64(1.25)}, protocol=protocol))
+    np.testing.assert_array_equal(loaded["a"], array)
+    assert loaded["s"] == 1.25 and isinstance(loaded["s"], np.float64)
 
 
 def test_records_survive_json_and_write_back_under_their_original_name(tmp_path):

@@ -86,3 +86,15 @@ def test_score_reads_a_training_workdir(hrom_dir, tmp_path, capsys):
   argv = ["--checkpoint", str(tmp_path / "work"), "--tokens", os.path.join(HROM, "input_ids.npy"), "--out", str(out)]
   assert score.main(argv) == 0
   assert np.abs(np.load(out) - np.load(os.path.join(HROM, "logits_nomask.npy"))).max() <= 1e-5
+
+
+def test_optimus_prime_log_likelihood_equals_its_saved_validation_loss(tmp_path, capsys):
+  """best_model.pt stores val_loss = the original's shifted cross-entropy on the fixture input_ids."""
+  fixture = os.path.join(FIXTURES, "optimus_prime")
+  model_dir = api.torch2jax(os.path.join(fixture, "best_model.pt"), str(tmp_path / "op"))
+  argv = ["--checkpoint", model_dir, "--tokens", os.path.join(fixture, "input_ids.npy"),
+          "--out", str(tmp_path / "l.npy")]
+  assert score.main(argv) == 0
+  stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  val_loss = modeldir.read_config(model_dir)["source"]["extras"]["val_loss"]
+  assert -stats["mean_log_likelihood"] == pytest.approx(val_loss, abs=1e-5)
