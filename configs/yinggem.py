@@ -41,7 +41,8 @@ def get_config(variant: str = ""):
     c.data.update(tokenizer="char", val_fraction=0.1)
     c.opt.update(name="adamw", schedule="cosine", lr=1e-3, warmup_steps=100, min_lr_ratio=0.1,
                  b1=0.9, b2=0.99, weight_decay=0.1)
-    c.train.update(steps=2000, batch_size=12, seq_len=64, eval_every=250, save_every=500, patience=0)
+    c.train.update(steps=2000, batch_size=12, seq_len=64, eval_every=250, save_every=500, patience=0,
+                   eval_batch_size=96)
   elif variant:
     raise ValueError(f"unknown yinggem variant {variant!r}; choose '', 'original' or 'tiny'")
   return c

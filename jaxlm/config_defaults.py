@@ -57,6 +57,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.save_every = 500
   c.train.log_every = 50
+  c.train.eval_batch_size = 0           # windows per validation batch; 0 = batch_size
   c.train.seed = 1337
   c.train.keep_checkpoints = 3          # last K kept; the best by eval loss is kept separately
   c.train.patience = 0                  # early stopping after this many evals without improvement; 0 = off

@@ -79,8 +79,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {shards} data-parallel shards of "
+    raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel shards of "
                      f"mesh {dict(mesh.shape)}; pick a multiple of {shards} or change mesh.data")

@@ -160,8 +160,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rules = sharding.rules_from_config(config.mesh)
 
   tokenizer_dir = os.path.join(workdir, "tokenizer")
+  eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
+  sharding.check_batch_divisible(eval_batch_size, mesh, field="train.eval_batch_size")
   bundle = data_lib.build_data(config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
-                               tokenizer_dir=tokenizer_dir)
+                               tokenizer_dir=tokenizer_dir, eval_batch_size=eval_batch_size)
   model_dict = _model_dict(config, bundle.vocab_size)
   model_cfg, module = build_model(model_dict)
   model_dict = model_cfg.to_dict()
@@ -206,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate(params) -> float:
     total, weight = 0.0, 0.0
     for batch in bundle.eval_batches():
-      batch = _shard_batch(batch, batch_sh, tc.batch_size)
+      batch = _shard_batch(batch, batch_sh, eval_batch_size)
       s, w = eval_fn(params, batch)
       total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1.0)

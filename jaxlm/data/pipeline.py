@@ -160,12 +160,13 @@ def _too_short(split: str, corpus: str, n: int, seq_len: int, val_fraction: floa
                     + (" / val_fraction" if split == "validation" else ""))
 
 
-def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_dir: str | None = None) -> DataBundle:
+def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_dir: str | None = None,
+               eval_batch_size: int = 0) -> DataBundle:
   """Reads the corpus, tokenizes it, splits train/validation and builds the train iterator and eval batches.
 
   A `char` vocabulary is built from the whole corpus (as nanoGPT does), so validation text has no
   unknown characters. With `tokenizer_dir`, a tokenizer.json already there is reused, else the new
-  tokenizer is saved there.
+  tokenizer is saved there. Validation batches hold `eval_batch_size` windows (0: batch_size).
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
@@ -192,10 +193,11 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
   stride = _STRIDES[cfg["packing"]](seq_len)
   dataset = train_dataset(train, seq_len=seq_len, batch_size=batch_size, seed=seed, stride=stride)
   max_eval = int(cfg["eval_batches"])
+  eval_batch_size = eval_batch_size or batch_size
   return DataBundle(
       tokenizer=tok,
       train_iter=train_iterator(dataset),
-      eval_batches=lambda: eval_batches(val, seq_len=seq_len, batch_size=batch_size, max_batches=max_eval),
+      eval_batches=lambda: eval_batches(val, seq_len=seq_len, batch_size=eval_batch_size, max_batches=max_eval),
       train_tokens=len(train),
       val_tokens=len(val),
       vocab_size=vocab_size,
