@@ -21,7 +21,6 @@ import numpy as np
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
-from jaxlm.data import tokenizers
 
 TOKENIZER_JSON = "continual_tokenizer.json"
 SPECIALS = ("<PAD>", "<UNK>", "<BOS>", "<EOS>")
@@ -42,51 +41,6 @@ DEFAULT_TRAIN_STATE = {"step": 0, "total_steps": 0, "current_epoch": 0, "best_ev
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-@tokenizers._register("vocab")
-class VocabTokenizer(tokenizers.Tokenizer):
-  """An explicit id -> token list (the original's char vocabulary with <PAD> <UNK> <BOS> <EOS> first).
-
-  encode: one id per character, <UNK> for characters not in the vocabulary; decode drops <PAD> (id 0) only,
-  as the original does. TODO(lead): move into jaxlm/data/tokenizers.py so score/generate load it without
-  importing convert.
-  """
-
-  def __init__(self, tokens: Sequence[str], level: str = "char", pad_id: Optional[int] = 0,
-               unk_id: Optional[int] = 1, bos_id: Optional[int] = 2, eos_id: Optional[int] = 3):
-    self.tokens, self.level = list(tokens), level
-    if level != "char":
-      raise ValueError(f"vocab tokenizer: level {level!r} is not supported (only 'char')")
-    if len(set(self.tokens)) != len(self.tokens):
-      raise ValueError("vocab tokenizer: the token list has duplicates")
-    self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
-    self._index = {t: i for i, t in enumerate(self.tokens)}
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.tokens)
-
-  def encode(self, text: str) -> List[int]:
-    if self.unk_id is None:
-      return [self._index[c] for c in text]
-    return [self._index.get(c, self.unk_id) for c in text]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    ids = tokenizers._check_ids(ids, self.vocab_size, self.kind)
-    return "".join(self.tokens[i] for i in ids if i != self.pad_id)
-
-  def vocab(self) -> Dict[str, int]:
-    return {t: i for i, t in enumerate(self.tokens)}
-
-  def _config(self, directory):
-    return {"level": self.level, "tokens": self.tokens, "pad_id": self.pad_id, "unk_id": self.unk_id,
-            "bos_id": self.bos_id, "eos_id": self.eos_id}
-
-  @classmethod
-  def _from_config(cls, config, directory):
-    return cls(config["tokens"], config.get("level", "char"), config.get("pad_id"), config.get("unk_id"),
-               config.get("bos_id"), config.get("eos_id"))
-
-
 def tokens_from_vocab(vocab: Mapping[str, Any], where: str) -> List[str]:
   """{token: id} with ids exactly 0..n-1 -> the token list in id order."""
   if not isinstance(vocab, Mapping) or not vocab:
@@ -262,10 +216,11 @@ class HRM(fam.Family):
 
   # ---------------------------------------------------------------------------------------- write
   def write(self, model, params, source, tokenizer, out, options):
-    fam.require(model, {"norm_position": "post", "mlp_multiple": 256}, "HRM")
-    if _int_width(model["expansion"], model["d_model"]) != _ff_width(params):
-      raise ConversionError(f"model MLP width {_ff_width(params)} is not what the original builds from expansion "
-                            f"{model['expansion']} (int() rounding: {_int_width(model['expansion'], model['d_model'])})")
+    fam.require(model, {"norm_position": "post"}, "HRM")  # no module-final norms in the format
+    width = _int_width(model["expansion"], model["d_model"])
+    if width != _ff_width(params):
+      raise ConversionError(f"the model's MLP width {_ff_width(params)} is not the {width} the original builds from "
+                            f"model.expansion={model['expansion']} and hidden size {model['d_model']}")
     fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "HRM")
     d, n_l, n_h = model["d_model"], model["l_layers"], model["h_layers"]
     hd = d // model["n_heads"]
@@ -292,7 +247,8 @@ class HRM(fam.Family):
                   L_layers=n_l, H_layers=n_h, expansion=model["expansion"], halt_max_steps=model["halt_max_steps"],
                   halt_exploration_prob=model["halt_exploration_prob"])
     config["forward_dtype"] = getattr(torch, str(config.get("forward_dtype", "float32")))
-    config = {k: config[k] for k in CONFIG_KEYS if k in config} | {k: v for k, v in config.items() if k not in CONFIG_KEYS}
+    config = {k: config[k] for k in CONFIG_KEYS if k in config} | {k: v for k, v in config.items()
+                                                                   if k not in CONFIG_KEYS}
     total = sum(int(np.prod(v.shape)) for k, v in state.items() if k not in ("z0_L", "z0_H", "rope.inv_freq"))
     entries = {
         "model_state_dict": state,

@@ -7,6 +7,12 @@ is then optional: sizes come from the tensors, head_dim from the RoPE buffer).
 State dict: token_embeddings, layers.<i>.{H_module,L_module}.{norm1, attn.{q,k,v,out}_proj, attn.rotary_emb.inv_freq,
 norm2, mlp.{w1,w2,w3}}, final_norm, lm_head (tied), halt_heads.<i>.0.{weight,bias}; Linear layers have no bias
 except the halt heads. The MLP is w3(silu(w1 x) * w2 x): jaxlm's GatedMLP value is w2, its gate w1.
+
+model.safetensors: the original's own save_pretrained cannot write it (transformers 4.55 refuses the shared
+tensors of the tie, HRMText1 declares no _tied_weights_keys), so such a file comes from elsewhere: it is read with
+either one or both tied keys, and written with both (equal copies; from_pretrained loads it, as it does the bin).
+Tokenizer: a T5 vocabulary (>= 32000 ids) gets tokenizer.json {"kind": "sentencepiece"} pointing at jaxlm's
+shipped spiece.model with vocab - 32000 extra ids (T5Tokenizer: 32100); smaller vocabularies pass ids through.
 """
 from __future__ import annotations
 
@@ -32,8 +38,12 @@ SCRIPT_CONFIG = {"block_size": 2048, "dropout": 0.1, "halt_max_steps": 8, "ponde
                  "halt_bias_init": -2.2, "use_rotary_embeddings": True, "rotary_embedding_base": 10000,
                  "use_flash_attention": True, "gradient_checkpointing": True}
 TRANSFORMERS_VERSION = "4.55.2"  # the release the reference fixture was saved with
-# Behaviour the original code hard-codes: an export warns when the jaxlm model differs.
-ORIGINAL_BEHAVIOUR = {"ponder_loss": "count", "exit_over_padding": True, "norm_eps": 1e-6, "halt_eps": 1e-6}
+# Values the original code hard-codes: an export warns when the jaxlm model differs (outputs would differ).
+ORIGINAL_BEHAVIOUR = {"norm_eps": 1e-6, "halt_eps": 1e-6}
+# Flags whose jaxlm default leaves the exported model's logits alone (without padding): a note, not a warning.
+TRAINING_FLAGS = {"ponder_loss": ("count", "the original's loss adds the constant update count instead"),
+                  "exit_over_padding": (True, "the original's early exit also waits for padding positions; "
+                                              "logits of unpadded inputs are the same")}
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -63,15 +73,17 @@ def _layer_params(state: Mapping[str, np.ndarray], n_layers: int, n_heads: int) 
 
   params = {}
   for block in BLOCKS:
-    key = lambda i, name: state[f"layers.{i}.{block}.{name}"]
+    def t(i, name, block=block):
+      return state[f"layers.{i}.{block}.{name}"]
+
     j = f"layers/{block}/"
-    params[j + "norm1/scale"] = stack(lambda i: key(i, "norm1.weight"))
-    params[j + "norm2/scale"] = stack(lambda i: key(i, "norm2.weight"))
+    params[j + "norm1/scale"] = stack(lambda i: t(i, "norm1.weight"))
+    params[j + "norm2/scale"] = stack(lambda i: t(i, "norm2.weight"))
     for torch_name, jax_name in PROJECTIONS:
-      params[j + f"attn/{jax_name}/kernel"] = stack(lambda i: layout.heads_in(key(i, f"attn.{torch_name}.weight"), n_heads))
-    params[j + "attn/out/kernel"] = stack(lambda i: layout.heads_out(key(i, "attn.out_proj.weight"), n_heads))
-    params[j + "mlp/wi/kernel"] = stack(lambda i: layout.glu_in(key(i, "mlp.w2.weight"), key(i, "mlp.w1.weight")))
-    params[j + "mlp/wo/kernel"] = stack(lambda i: layout.linear(key(i, "mlp.w3.weight")))
+      params[j + f"attn/{jax_name}/kernel"] = stack(lambda i: layout.heads_in(t(i, f"attn.{torch_name}.weight"), n_heads))
+    params[j + "attn/out/kernel"] = stack(lambda i: layout.heads_out(t(i, "attn.out_proj.weight"), n_heads))
+    params[j + "mlp/wi/kernel"] = stack(lambda i: layout.glu_in(t(i, "mlp.w2.weight"), t(i, "mlp.w1.weight")))
+    params[j + "mlp/wo/kernel"] = stack(lambda i: layout.linear(t(i, "mlp.w3.weight")))
   params["layers/halt_head/kernel"] = stack(lambda i: layout.linear(state[f"halt_heads.{i}.0.weight"]))
   params["layers/halt_head/bias"] = stack(lambda i: state[f"halt_heads.{i}.0.bias"])
   return params
@@ -97,7 +109,7 @@ def _torch_items(params: Mapping[str, np.ndarray], n_layers: int, inv_freq: np.n
   for i in range(n_layers):
     items += [(f"halt_heads.{i}.0.weight", layout.unlinear(layer["layers/halt_head/kernel"][i])),
               (f"halt_heads.{i}.0.bias", np.ascontiguousarray(layer["layers/halt_head/bias"][i]))]
-  return [(k, np.ascontiguousarray(v)) for k, v in items]
+  return [(k, np.array(v, order="C")) for k, v in items]  # owned, writable copies (torch.from_numpy)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -143,6 +155,18 @@ def _load_tensors(path: str, obj: Any) -> Dict[str, np.ndarray]:
   if not isinstance(tensors, Mapping):
     raise ConversionError(f"{path}: expected a state_dict (a mapping of tensors), found {type(tensors).__name__}")
   return dict(tensors)
+
+
+def _rope_theta(inv_freq: np.ndarray, hd: int, key: str, path: str, base: float) -> float:
+  """theta of a saved inv_freq buffer. A half-precision buffer (a model saved after .to(bfloat16) casts its
+  buffers too) cannot pin theta down: it must equal the float32 table of `base` rounded to its dtype."""
+  if inv_freq.dtype == np.float32:
+    return layout.rope_theta_from_buffer(inv_freq, hd, key, path)
+  want = layout.rope_inv_freq(hd, base).astype(inv_freq.dtype)
+  if inv_freq.shape != want.shape or want.tobytes() != inv_freq.tobytes():
+    raise ConversionError(f"{path}: RoPE buffer {key} ({inv_freq.dtype}) is not the theta={base:g} table "
+                          f"rounded to {inv_freq.dtype}")
+  return base
 
 
 def _json_text(data: Mapping[str, Any]) -> str:
@@ -231,17 +255,17 @@ class HRMText1Family(fam.Family):
                        ("d_ff", f)):
       if key in cfg and cfg[key] != value:
         raise ConversionError(f"{cfg_path}: {key}={cfg[key]!r} but the tensors in {path} say {value}")
+    base = cfg.get("rotary_embedding_base")
     theta = None
     for i in range(n_layers):
       for block in BLOCKS:
         key = f"layers.{i}.{block}.attn.rotary_emb.inv_freq"
         if key not in tensors:
           raise ConversionError(f"{path}: missing tensor {key!r}")
-        t = layout.rope_theta_from_buffer(tensors[key], hd, key, path)
+        t = _rope_theta(tensors[key], hd, key, path, float(base or SCRIPT_CONFIG["rotary_embedding_base"]))
         if theta is not None and t != theta:
           raise ConversionError(f"{path}: {key} uses RoPE theta {t:g}, layers.0 uses {theta:g}")
         theta = t
-    base = cfg.get("rotary_embedding_base")
     if base is not None and float(base) != theta:
       raise ConversionError(f"{cfg_path}: rotary_embedding_base={base!r} but the inv_freq buffers say {theta:g}")
     return (v, d, n_layers, hd, f), theta
@@ -266,8 +290,7 @@ class HRMText1Family(fam.Family):
   def _tokenizer(v: int) -> Dict[str, Any]:
     """T5 sentencepiece (the shipped spiece.model) with v - 32000 extra ids; other vocabularies pass ids through."""
     if v >= T5_PIECES:
-      from jaxlm.data.tokenizers import T5_SPIECE_MODEL
-      return {"kind": "sentencepiece", "model_file": T5_SPIECE_MODEL, "extra_ids": v - T5_PIECES}
+      return {"kind": "sentencepiece", "model_file": None, "extra_ids": v - T5_PIECES}  # None: the shipped model
     return {"kind": "ids", "vocab_size": v,
             "note": "the original uses the T5 tokenizer (32100 ids); this vocabulary is smaller, ids pass through"}
 
@@ -279,6 +302,9 @@ class HRMText1Family(fam.Family):
     if model.get("arch") != "hrm_text1":
       raise ConversionError(f"model.arch is {model.get('arch')!r}; the HRM-Text1 format holds only 'hrm_text1' models")
     fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "HRM-Text1")
+    for key, (original, what) in TRAINING_FLAGS.items():
+      if model.get(key) != original:
+        print(f"note: model.{key} = {model.get(key)!r}: {what}", file=sys.stderr)
     rates = {model["dropout"], model["attention_dropout"], model["mlp_dropout"]}
     if len(rates) > 1:
       print(f"warning: HRMText1Config has one dropout rate; writing dropout={model['dropout']} (the model has "

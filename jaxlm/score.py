@@ -74,11 +74,16 @@ def main(argv=None) -> int:
   parser.add_argument("--batch-size", type=int, default=0, help="rows per forward pass (default: all)")
   parser.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
                       help="float32 matmul precision (jax.default_matmul_precision); default highest")
+  parser.add_argument("--mode", help="HRM reasoning mode: fast 1x1, normal 2x2, deep 3x2, thorough 4x3, extreme 6x4")
+  parser.add_argument("--n-cycles", type=int, help="HRM: N cycles (overrides --mode)")
+  parser.add_argument("--t-steps", type=int, help="HRM: T steps per cycle (overrides --mode)")
   args = parser.parse_args(argv)
 
   from jaxlm import modeldir
+  from jaxlm.models import apply_reasoning
   try:
     config, module, params, _ = modeldir.load_for_inference(args.checkpoint, args.which)
+    config, module = apply_reasoning(config, module, args.mode, args.n_cycles, args.t_steps)
     tokens = _read_ids(args.tokens, "--tokens")
     mask = _read_ids(args.mask, "--mask") if args.mask else None
     if mask is not None and mask.shape != tokens.shape:

@@ -166,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                tokenizer_dir=tokenizer_dir, eval_batch_size=eval_batch_size)
   model_dict = _model_dict(config, bundle.vocab_size)
   model_cfg, module = build_model(model_dict)
-  model_dict = model_cfg.to_dict()
+  model_dict = {**model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
   optimizer, schedule = optim.make_optimizer(config.opt, tc.steps)
 
   def init_state(rng):
@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_loss = losses[-1]
         row = {"step": step, "loss": float(np.mean(losses)), "tokens_per_sec": window_steps * tokens_per_step / elapsed,
                "lr": float(schedule(step - 1)),
-               **{k: float(v) for k, v in step_metrics.items() if k not in ("loss", "xent")}}
+               **{k: float(v) for k, v in step_metrics.items() if k != "loss"}}
         if not all(map(math.isfinite, losses)):
           raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
         writer.write(row)

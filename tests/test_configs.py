@@ -11,7 +11,8 @@ from jaxlm.config_defaults import load_config
 from jaxlm.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL_SIZE_PARAMS = {"yinggem": 133_957_969, "optimus_prime": 224_652_288, "hrom": 58_019_072}
+FULL_SIZE_PARAMS = {"yinggem": 133_957_969, "optimus_prime": 224_652_288, "hrom": 58_019_072,
+                    "hrm_text1": 117_129_740}
 
 
 def _count(model_dict):

@@ -98,3 +98,25 @@ def test_optimus_prime_log_likelihood_equals_its_saved_validation_loss(tmp_path,
   stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   val_loss = modeldir.read_config(model_dir)["source"]["extras"]["val_loss"]
   assert -stats["mean_log_likelihood"] == pytest.approx(val_loss, abs=1e-5)
+
+
+def test_score_applies_hrm_reasoning_modes(tmp_path, capsys):
+  hrm = os.path.join(FIXTURES, "hrm")
+  model = api.torch2jax(os.path.join(hrm, "hrm_continual_learning.pt"), str(tmp_path / "hrm"), family="hrm")
+  ids = os.path.join(hrm, "input_ids.npy")
+  reference = np.load(os.path.join(hrm, "logits.npy"))  # the original with N=2, T=2 (its 'normal' mode)
+  tolerance = 2e-5 * np.abs(reference).max()
+  outputs = {}
+  for mode in ("normal", "fast"):
+    out = tmp_path / f"{mode}.npy"
+    assert score.main(["--checkpoint", model, "--tokens", ids, "--out", str(out), "--mode", mode]) == 0
+    outputs[mode] = np.load(out)
+  np.testing.assert_allclose(outputs["normal"], reference, atol=tolerance)
+  assert np.abs(outputs["fast"] - reference).max() > 100 * tolerance  # fewer cycles: a different function
+  explicit = tmp_path / "explicit.npy"
+  assert score.main(["--checkpoint", model, "--tokens", ids, "--out", str(explicit), "--mode", "fast",
+                     "--n-cycles", "2", "--t-steps", "2"]) == 0
+  np.testing.assert_array_equal(np.load(explicit), outputs["normal"])  # explicit N and T win over --mode
+  capsys.readouterr()
+  assert score.main(["--checkpoint", model, "--tokens", ids, "--out", str(explicit), "--mode", "ludicrous"]) == 2
+  assert "unknown reasoning mode 'ludicrous'" in capsys.readouterr().err

@@ -218,7 +218,10 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def _from_config(cls, config, directory):
-    return cls(os.path.join(directory, config["model_file"]), extra_ids=int(config.get("extra_ids", 0)))
+    # No model_file: the T5 model shipped with jaxlm (keeps converted model directories portable).
+    name = config.get("model_file")
+    path = os.path.join(directory, name) if name else T5_SPIECE_MODEL
+    return cls(path, extra_ids=int(config.get("extra_ids", 0)))
 
 
 def _training_lines(source) -> Iterable[str]:
@@ -295,6 +298,50 @@ class GPT2Tokenizer(Tokenizer):
   def _from_config(cls, config, directory):
     assets = config.get("assets_dir")
     return cls(os.path.join(directory, assets) if assets else None)
+
+
+@_register("vocab")
+class VocabTokenizer(Tokenizer):
+  """An explicit id -> token list (the original's char vocabulary with <PAD> <UNK> <BOS> <EOS> first).
+
+  encode: one id per character, <UNK> for characters not in the vocabulary; decode drops <PAD> (id 0) only,
+  as the original does (HRM's continual_tokenizer.json becomes this kind).
+  """
+
+  def __init__(self, tokens: Sequence[str], level: str = "char", pad_id: Optional[int] = 0,
+               unk_id: Optional[int] = 1, bos_id: Optional[int] = 2, eos_id: Optional[int] = 3):
+    self.tokens, self.level = list(tokens), level
+    if level != "char":
+      raise ValueError(f"vocab tokenizer: level {level!r} is not supported (only 'char')")
+    if len(set(self.tokens)) != len(self.tokens):
+      raise ValueError("vocab tokenizer: the token list has duplicates")
+    self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
+    self._index = {t: i for i, t in enumerate(self.tokens)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.tokens)
+
+  def encode(self, text: str) -> List[int]:
+    if self.unk_id is None:
+      return [self._index[c] for c in text]
+    return [self._index.get(c, self.unk_id) for c in text]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = _check_ids(ids, self.vocab_size, self.kind)
+    return "".join(self.tokens[i] for i in ids if i != self.pad_id)
+
+  def vocab(self) -> Dict[str, int]:
+    return {t: i for i, t in enumerate(self.tokens)}
+
+  def _config(self, directory):
+    return {"level": self.level, "tokens": self.tokens, "pad_id": self.pad_id, "unk_id": self.unk_id,
+            "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+  @classmethod
+  def _from_config(cls, config, directory):
+    return cls(config["tokens"], config.get("level", "char"), config.get("pad_id"), config.get("unk_id"),
+               config.get("bos_id"), config.get("eos_id"))
 
 
 @_register("ids")

@@ -6,7 +6,7 @@ exactly; configs/ documents which flags an original needs and which defaults jax
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -81,13 +81,19 @@ class DecoderConfig(ModelConfigBase):
     w = self.attention_window
     return tuple(w) if isinstance(w, (tuple, list)) else (w,) * self.n_layers
 
+  @property
+  def kv_cache_layout(self) -> tuple:
+    """(kv heads, head dim, window) per layer: what jaxlm.kv_cache allocates (used only when causal)."""
+    return tuple((self.kv_heads, self.resolved_head_dim, int(w or 0)) for w in self.layer_windows)
+
 
 class DecoderBlock(nn.Module):
   config: DecoderConfig
   window: int
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic: bool = True):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, deterministic: bool = True, cache=None):
+    """cache: a kv_cache.Chunk for cached decoding; the block then returns (x, updated LayerKV)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     out_std = c.out_init_std or c.init_std
@@ -96,36 +102,63 @@ class DecoderBlock(nn.Module):
         num_heads=c.n_heads, num_kv_heads=c.kv_heads, head_dim=c.resolved_head_dim, rope_theta=c.rope_theta,
         rope_style=c.rope_style, qkv_bias=c.attn_bias, out_bias=c.attn_bias, dropout_rate=c.attention_dropout,
         init_std=c.init_std, out_init_std=out_std, dtype=dtype, name="attn",
-    )(h, positions_BxT, mask_Bx1xTxS, deterministic=deterministic)
+    )(h, positions_BxT, mask_Bx1xTxS, deterministic=deterministic, cache=cache)
+    if cache is not None:
+      h, cache = h
     x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
     h = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")(x_BxTxD)
     h = layers.GatedMLP(hidden_dim=c.d_ff, activation=c.glu, use_bias=c.mlp_bias, init_std=c.init_std,
                         out_init_std=out_std, dtype=dtype, name="mlp")(h)
-    return x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
 class Decoder(nn.Module):
-  """tokens [B, T] -> float32 logits [B, T, V]."""
+  """tokens [B, T] -> float32 logits [B, T, V].
+
+  Cached decoding (jaxlm.generate): pass `cache` (a list of kv_cache.LayerKV, one per layer, from
+  kv_cache.init_cache) with the tokens' absolute `positions_BxT` and `padding_mask_BxT` (False = padding,
+  not written to the cache); the call then returns (logits, updated cache). `logits_at_B` computes the head
+  only at one query index per row (logits [B, 1, V]), e.g. a prompt's last real token.
+  """
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
-               positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Array:
+               positions_BxT: Optional[Array] = None, deterministic: bool = True,
+               cache: Optional[Sequence[Any]] = None, logits_at_B: Optional[Array] = None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t = tokens_BxT.shape
+    if cache is not None:
+      if not c.causal:
+        raise ValueError("a KV cache needs a causal model (model.causal=True); decode this one by full recompute")
+      if positions_BxT is None:
+        raise ValueError("cached decoding needs the tokens' absolute positions_BxT")
+      if len(cache) != c.n_layers:
+        raise ValueError(f"the cache has {len(cache)} layers, the model {c.n_layers}")
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
                      embedding_init=layers._init(c.embed_init_std, (layers.VOCAB, layers.EMBED)))
     x_BxTxD = embed(tokens_BxT)
-    block_cls = nn.remat(DecoderBlock, static_argnums=(4,)) if c.remat else DecoderBlock
-    masks = {}
-    for i, window in enumerate(c.layer_windows):
-      if window not in masks:  # layers with the same window share one mask
-        masks[window] = layers.attention_mask(positions_BxT, positions_BxT, causal=c.causal,
-                                              window=window or None, k_valid_BxS=padding_mask_BxT)
-      x_BxTxD = block_cls(c, window, name=f"layers_{i}")(x_BxTxD, positions_BxT, masks[window], deterministic)
+    if cache is not None:
+      valid_BxT = jnp.ones((b, t), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
+      new_cache = []
+      for i, window in enumerate(c.layer_windows):
+        x_BxTxD, layer_cache = DecoderBlock(c, window, name=f"layers_{i}")(
+            x_BxTxD, positions_BxT, None, deterministic, cache=cache[i].chunk(valid_BxT))
+        new_cache.append(layer_cache)
+    else:
+      block_cls = nn.remat(DecoderBlock, static_argnums=(4,)) if c.remat else DecoderBlock
+      masks = {}
+      for i, window in enumerate(c.layer_windows):
+        if window not in masks:  # layers with the same window share one mask
+          masks[window] = layers.attention_mask(positions_BxT, positions_BxT, causal=c.causal,
+                                                window=window or None, k_valid_BxS=padding_mask_BxT)
+        x_BxTxD = block_cls(c, window, name=f"layers_{i}")(x_BxTxD, positions_BxT, masks[window], deterministic)
+    if logits_at_B is not None:
+      x_BxTxD = jnp.take_along_axis(x_BxTxD, logits_at_B.astype(jnp.int32)[:, None, None], axis=1)
     x_BxTxD = layers.make_norm(c.norm, c.norm_eps, dtype, "final_norm")(x_BxTxD)
     if c.tie_embeddings:
       logits = embed.attend(x_BxTxD)
@@ -136,7 +169,8 @@ class Decoder(nn.Module):
           c.vocab_size, use_bias=c.head_bias, dtype=dtype, name="head",
           kernel_init=layers._init(c.head_init_std or c.init_std, (layers.EMBED, layers.VOCAB)),
           bias_init=layers._zeros((layers.VOCAB,)))(x_BxTxD)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
 
   def loss(self, batch, deterministic: bool = True):
     """Next-token cross-entropy: (sum, weight sum, {'xent': sum})."""

@@ -167,8 +167,11 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, positions_BxT: Array, mask_Bx1xTxS: Array, *, deterministic: bool = True,
-               cache: Optional[dict] = None):
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, mask_Bx1xTxS: Optional[Array], *,
+               deterministic: bool = True, cache=None):
+    """cache: None; a dict {"update": fn(k, v) -> (k, v)} (a hook: `mask` must then cover its keys); or a
+    kv_cache.Chunk, which builds the keys and the mask itself: the call then returns (out, updated LayerKV).
+    """
     d = x_BxTxD.shape[-1]
 
     def proj(name, heads, head_axis):
@@ -182,15 +185,19 @@ class Attention(nn.Module):
     v = proj("value", self.num_kv_heads, KV_HEADS)
     q = apply_rope(q, positions_BxT, self.rope_theta, self.rope_style)
     k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_style)
-    if cache is not None:
+    updated = None
+    if hasattr(cache, "extend"):
+      k, v, mask_Bx1xTxS, updated = cache.extend(k, v, positions_BxT)
+    elif cache is not None:
       k, v = cache["update"](k, v)
     rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
     out = dot_product_attention(q, k, v, mask_Bx1xTxS, dropout_rate=self.dropout_rate,
                                 deterministic=deterministic, dropout_rng=rng)
     std = self.init_std if self.out_init_std is None else self.out_init_std
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
         d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype, name="out",
         kernel_init=_init(std, (HEADS, HEAD_DIM, EMBED)), bias_init=_zeros((EMBED,)))(out)
+    return out if updated is None else (out, updated)
 
 
 GLU_ACTIVATIONS = {

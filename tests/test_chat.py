@@ -1,0 +1,121 @@
+"""jaxlm.chat driven through a pipe, its dialogue history, and the word-boundary safety filter."""
+import io
+import string
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxlm import chat, generate, modeldir
+from jaxlm.safety import Blocklist, StreamGuard, read_blocklist, DEFAULT_BLOCKLIST
+
+CHARS = sorted(set(" !.,?'<>/" + string.ascii_letters + string.digits))
+# After "<assistant>" the model says " ok.</s>": a bigram chain; every other character leads to " ".
+CHAIN = {">": " ", " ": "o", "o": "k", "k": ".", ".": "<", "<": "/", "/": "s", "s": ">"}
+
+
+def bigram_model_dir(path, family="hrom"):
+  """A 1-layer char model whose attention and MLP add nothing: the next character depends on the last one."""
+  v, d = len(CHARS), 80
+  model = dict(arch="decoder", family=family, vocab_size=v, d_model=d, n_layers=1, n_heads=2, d_ff=16, norm="rms",
+               causal=True, max_seq_len=64)
+  params = {k: np.zeros(shape, np.float32) for k, shape in modeldir.expected_param_shapes(model).items()}
+  for key in params:
+    if key.endswith("scale"):
+      params[key][:] = 1.0
+  params["embed/embedding"] = 4.0 * np.eye(v, d, dtype=np.float32)
+  for i, c in enumerate(CHARS):
+    params["head/kernel"][i, CHARS.index(CHAIN.get(c, " "))] = 10.0
+  return modeldir.save_model_dir(str(path), model, traverse_util.unflatten_dict(params, sep="/"),
+                                 tokenizer_json={"kind": "char", "chars": CHARS})
+
+
+@pytest.fixture(scope="module")
+def dialogue_dir(tmp_path_factory):
+  return bigram_model_dir(tmp_path_factory.mktemp("chat") / "bigram")
+
+
+def test_chat_session_through_a_pipe(dialogue_dir):
+  session = "\n".join([
+      "hello there", "status", "mode deep", "I want to kill time", "temp 0", "batch", "how are you?", "natural",
+      "top_p 0.5", "quit", "never read"]) + "\n"
+  result = subprocess.run([sys.executable, "-m", "jaxlm.chat", "--checkpoint", dialogue_dir, "--max-new-tokens", "12"],
+                          input=session, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert out.count("model> ok.\n") == 2                     # interactive, then batch
+  assert "[blocked: your message contains 'kill', which is on the blocklist; it was not sent]" in out
+  assert "model: hrom (arch decoder)" in out and "parameters: " in out
+  assert f"vocabulary: {len(CHARS)} tokens, tokenizer char" in out and "datasets trained:" in out
+  assert "settings: mode normal (no effect on this model), temperature 0.8, top_p 0.9" in out
+  assert "[mode deep: no effect on this model" in out
+  assert "| mode normal | temp 0.8]" in out and "| mode deep | temp 0]" in out and "tokens/s" in out
+  assert "[natural on: replies stop at a sentence end]" in out and "[top_p 0.5]" in out
+  assert out.rstrip().endswith("[bye]") and "never read" not in out
+
+
+def run_chat(argv, lines):
+  out = io.StringIO()
+  assert chat.main(argv, stdin=io.StringIO("\n".join(lines) + "\n"), stdout=out) == 0
+  return out.getvalue()
+
+
+def test_a_blocked_word_in_the_reply_stops_it_unseen(dialogue_dir, tmp_path):
+  blocklist = tmp_path / "blocklist.txt"
+  blocklist.write_text("# my list\nOK\n")
+  out = run_chat(["--checkpoint", dialogue_dir, "--blocklist", str(blocklist), "--temperature", "0"],
+                 ["hi", "status"])
+  assert "model> \n[reply stopped: it contained 'ok', which is on the blocklist]" in out
+  assert f"safety: 1 blocked words/phrases from {blocklist}" in out
+  assert "history: 1 turn(s)" in out
+
+
+def test_plain_models_continue_the_text(tmp_path):
+  model_dir = bigram_model_dir(tmp_path / "plain", family="optimus_prime")
+  out = run_chat(["--checkpoint", model_dir, "--temperature", "0", "--max-new-tokens", "6", "--no-safety"],
+                 ["hi", "reset", "unlimited", "natural", "hi"])
+  assert "plain format" in out
+  assert out.count("model>  ok.</\n") == 1                 # 6 tokens of " ok.</s>" ...
+  assert "[unlimited on: up to 4096 tokens]" in out
+  assert out.count("model>  ok.\n") == 1                   # natural: ends at the sentence end
+
+
+def test_dialogue_history_drops_the_oldest_turns_first(dialogue_dir):
+  model = generate.load(dialogue_dir)
+  fmt = chat.DialogueFormat(model.tokenizer)
+  enc = model.tokenizer.encode
+  history = [(fmt.encode_message(f"question {i}", False), fmt.encode_reply(f"answer {i}")) for i in range(5)]
+  prompt = fmt.prompt(history, fmt.encode_message("last", False), budget=80)
+  text = model.tokenizer.decode(prompt)
+  assert len(prompt) <= 80 and text.startswith("<s><user> question 4</s><assistant> answer 4</s>")
+  assert text.endswith("<user> last</s><assistant>")
+  assert fmt.prompt([], enc(" x"), budget=200) == enc("<s><user> x</s><assistant>")
+  assert fmt.stop_text == "</s>"
+
+
+# ------------------------------------------------------------------------------ safety
+def test_blocklist_matches_whole_words_case_insensitively():
+  words = Blocklist(read_blocklist(DEFAULT_BLOCKLIST) + ["hate you"])
+  assert words.find("Skills, killers and harmony") is None
+  assert words.find("I will KILL.") == "KILL"
+  assert words.find("harm") == "harm"
+  assert words.find("i  hate\tyou!") in ("hate\tyou", "hate")
+  assert Blocklist([]).find("kill") is None
+
+
+def test_stream_guard_never_releases_a_blocked_word():
+  guard = StreamGuard(Blocklist(["harm"]))
+  text, shown, hit = "we harmonize harm now", "", None
+  for end in range(1, len(text) + 1):
+    new, hit = guard.feed(text[:end])
+    shown += new
+    if hit:
+      break
+  assert hit == "harm" and shown == "we harmonize " and end == len("we harmonize harm ")
+  guard = StreamGuard(Blocklist(["hate you"]))
+  shown = "".join(guard.feed(t)[0] for t in ("I hate", "I hate yo", "I hate yours ")) + guard.feed("I hate yours ok", final=True)[0]
+  assert shown == "I hate yours ok" and guard.hit is None
+  guard = StreamGuard(Blocklist(["hate you"]))
+  assert guard.feed("I hate ")[0] == "I " and guard.feed("I hate you", final=True) == ("", "hate you")

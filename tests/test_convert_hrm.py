@@ -1,0 +1,249 @@
+"""torch2jax / jax2torch for the HRM text model against the original's reference fixture.
+
+tests/fixtures/hrm/ was made with the original, unmodified HierarchicalReasoningModel (see
+../shared/reference/hrm/README.md): an untrained checkpoint in the trainer's layout plus its tokenizer json,
+and the original's outputs. `OriginalHRM` below is an independent torch re-implementation of the original
+forward pass written from SPEC.md, used to check that exports of other models load with strict key matching
+and compute what jaxlm computes.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from convert import api, torchfile  # noqa: E402
+from convert import hrm as hrm_convert  # noqa: E402
+from convert.__main__ import main as convert_main  # noqa: E402
+from convert.errors import ConversionError  # noqa: E402
+from jaxlm import modeldir  # noqa: E402
+from jaxlm.data import tokenizers  # noqa: E402
+from jaxlm.models import build_model  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hrm")
+CHECKPOINT = os.path.join(FIXTURES, "hrm_continual_learning.pt")
+
+
+def fixture(name):
+  return np.load(os.path.join(FIXTURES, name))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("hrm") / "model")
+  assert convert_main(["torch2jax", "--family", "hrm", "--src", CHECKPOINT, "--out", out]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+  _, module, params, _ = modeldir.load_model_dir(converted)
+  return module, params
+
+
+def _act(module, params, ids, mask=None):
+  return jax.jit(lambda p, t, m: module.apply({"params": p}, t, padding_mask_BxT=m, method="act"))(
+      params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
+
+
+# ------------------------------------------------------------------------------------------ fixture outputs
+def test_reproduces_the_original_outputs(loaded):
+  module, params = loaded
+  ids = fixture("input_ids.npy")
+  out = _act(module, params, ids)  # normal mode (2 x 2), up to halt_max_steps = 4 segments
+  ref = fixture("logits.npy")
+  err = float(np.abs(np.asarray(out["logits"]) - ref).max())
+  single = jax.jit(lambda p, t: module.apply({"params": p}, t, method="single_pass"))(params, jnp.asarray(ids))
+  err_single = float(np.abs(np.asarray(single) - fixture("logits_single_pass.npy")).max())
+  err_q = float(np.abs(np.asarray(out["q_logits"]) - fixture("q_logits.npy")).max())
+  print(f"\nhrm: max abs error logits {err:.3g} (largest logit {np.abs(ref).max():.3g}), "
+        f"single pass {err_single:.3g}, q_logits {err_q:.3g}, steps {np.asarray(out['steps']).tolist()}")
+  # Four segments of 4 L and 2 H updates amplify float32 rounding about 3x per segment (an float64 NumPy
+  # re-implementation puts torch at 5.6e-6 and jaxlm at 3.9e-5 from the exact values).
+  assert err <= 2e-5 * np.abs(ref).max()
+  assert err_single <= 1e-5
+  assert err_q <= 1e-6
+  np.testing.assert_array_equal(np.asarray(out["steps"]), fixture("steps.npy"))
+  np.testing.assert_allclose(np.asarray(module.apply({"params": params}, jnp.asarray(ids))), np.asarray(out["logits"]))
+
+
+def test_greedy_continuation_matches_the_original_chat_loop(loaded):
+  """hrm_chat's loop with argmax: the whole sequence through the ACT forward for every new token. Here the
+  window is right-padded to a fixed length with the padding masked (one compile)."""
+  module, params = loaded
+  want = fixture("greedy_tokens.npy")
+  ids = list(fixture("input_ids.npy")[0, :8])
+  width = len(ids) + len(want)
+  step = jax.jit(lambda p, t, m: module.apply({"params": p}, t, padding_mask_BxT=m))
+  for _ in range(len(want)):
+    window = np.zeros((1, width), np.int32)
+    window[0, :len(ids)] = ids
+    logits = step(params, jnp.asarray(window), jnp.asarray(np.arange(width)[None] < len(ids)))
+    ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+  assert ids[8:] == want.tolist()
+
+
+def test_model_directory_carries_vocabulary_and_history(converted):
+  config = modeldir.read_config(converted)
+  assert config["model"]["arch"] == "hrm" and config["model"]["causal"] is False
+  assert config["model"]["q_head_pool"] == "mean" and config["model"]["norm_position"] == "post"
+  assert config["source"]["family"] == "hrm"
+  assert config["source"]["datasets_trained"] == ["fixture"]
+  assert config["source"]["timestamp"] == "2025-01-01T00:00:00"
+  tok = tokenizers.load_tokenizer(converted)
+  with open(os.path.join(FIXTURES, "continual_tokenizer.json"), encoding="utf-8") as f:
+    vocab = json.load(f)["vocab"]
+  assert tok.vocab_size == 96 and tok.vocab() == vocab
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  ids = tok.encode("Hi!\u2603")
+  assert ids == [vocab["H"], vocab["i"], vocab["!"], 1]  # unknown character -> <UNK>
+  assert tok.decode([0, 2] + ids[:3]) == "<BOS>Hi!"  # <PAD> (0) is dropped, as the original does
+
+
+# ------------------------------------------------------------------------------------------ round trip
+def assert_identical(a, b, path="checkpoint"):
+  """Same types, keys (in order), dtypes, shapes and bytes, recursively (and the state_dict _metadata)."""
+  if isinstance(a, np.ndarray):
+    assert isinstance(b, np.ndarray) and (a.dtype, a.shape) == (b.dtype, b.shape), path
+    assert a.tobytes() == b.tobytes(), f"{path}: values differ"
+    return
+  assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+  if isinstance(a, dict):
+    assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"
+    for k in a:
+      assert_identical(a[k], b[k], f"{path}[{k!r}]")
+    assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
+  elif isinstance(a, (list, tuple)):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      assert_identical(x, y, f"{path}[{i}]")
+  else:
+    assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def test_round_trip_is_bit_exact(converted, tmp_path):
+  out = api.jax2torch(converted, str(tmp_path))  # a directory: the original file name is used
+  assert os.path.basename(out) == "hrm_continual_learning.pt"
+  original, written = torchfile.load(CHECKPOINT), torchfile.load(out)
+  assert_identical(written, original)
+  loaded = torch.load(out, weights_only=True)  # as the original trainer and chat load it
+  assert loaded["config"]["forward_dtype"] is torch.float32
+  print(f"\nhrm: {len(written['model_state_dict'])} tensors and {len(written) - 1} other entries bit-identical "
+        "after torch2jax -> jax2torch")
+
+
+# ------------------------------------------------------------------------------------------ other models
+class OriginalHRM(torch.nn.Module):
+  """The original's forward pass (SPEC.md), with its state_dict layout, for exports of jaxlm models."""
+
+  def __init__(self, vocab_size, hidden_size, num_heads, L_layers, H_layers, expansion, halt_max_steps):
+    super().__init__()
+    self.h, self.heads, self.halt_max_steps = hidden_size, num_heads, halt_max_steps
+    width = -(-int(expansion * hidden_size * 2 / 3) // 256) * 256
+    self.register_buffer("z0_L", torch.zeros(1, 1, hidden_size))
+    self.register_buffer("z0_H", torch.zeros(1, 1, hidden_size))
+    self.input_embedding = torch.nn.Module()
+    self.input_embedding.embedding_weight = torch.nn.Parameter(torch.zeros(vocab_size, hidden_size))
+    self.output_head = torch.nn.Linear(hidden_size, vocab_size, bias=False)
+    self.q_head = torch.nn.Linear(hidden_size, 2)
+    self.rope = torch.nn.Module()
+    hd = hidden_size // num_heads
+    self.rope.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+
+    def module(n):
+      m = torch.nn.Module()
+      m.layers = torch.nn.ModuleList()
+      for _ in range(n):
+        block = torch.nn.Module()
+        block.attention = torch.nn.Module()
+        block.attention.qkv_proj = torch.nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        block.attention.o_proj = torch.nn.Linear(hidden_size, hidden_size, bias=False)
+        block.feed_forward = torch.nn.Module()
+        block.feed_forward.gate_up_proj = torch.nn.Linear(hidden_size, 2 * width, bias=False)
+        block.feed_forward.down_proj = torch.nn.Linear(width, hidden_size, bias=False)
+        block.norm1, block.norm2 = torch.nn.RMSNorm(hidden_size, eps=1e-5), torch.nn.RMSNorm(hidden_size, eps=1e-5)
+        m.layers.append(block)
+      return m
+    self.L_module, self.H_module = module(L_layers), module(H_layers)
+
+  def _block(self, block, x):
+    b, s, _ = x.shape
+    hd = self.h // self.heads
+    q, k, v = block.attention.qkv_proj(x).view(b, s, 3, self.heads, hd).unbind(2)
+    freqs = torch.outer(torch.arange(s, dtype=torch.float32), self.rope.inv_freq)
+    cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
+    rot = lambda t: torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+    q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # non-causal
+    x = block.norm1(x + block.attention.o_proj(attn.transpose(1, 2).reshape(b, s, self.h)))
+    gate, up = block.feed_forward.gate_up_proj(x).chunk(2, dim=-1)
+    return block.norm2(x + block.feed_forward.down_proj(F.silu(gate) * up))
+
+  def _run(self, module, x):
+    for block in module.layers:
+      x = self._block(block, x)
+    return x
+
+  def forward(self, ids, n, t):
+    x = self.input_embedding.embedding_weight[ids] * math.sqrt(self.h)
+    z_L, z_H = self.z0_L.expand(*ids.shape, self.h), self.z0_H.expand(*ids.shape, self.h)
+    for _ in range(self.halt_max_steps):
+      for i in range(n * t):
+        z_L = self._run(self.L_module, z_L + z_H + x)
+        if (i + 1) % t == 0:
+          z_H = self._run(self.H_module, z_H + z_L)
+      q = self.q_head(z_H.mean(dim=1))
+      if bool((q[:, 0] > q[:, 1]).all()):
+        break
+    return self.output_head(z_H)
+
+
+def test_export_of_another_model_loads_strictly_in_the_original(tmp_path):
+  model = dict(arch="hrm", vocab_size=30, d_model=32, n_heads=2, l_layers=1, h_layers=2, expansion=4.0,
+               mlp_rounding="int", halt_max_steps=2, n_cycles=1, t_steps=3, causal=False, norm_position="post",
+               q_head_pool="mean", act_batch_halt=True, init_state="learned")
+  _, module = build_model(model)
+  ids = np.random.RandomState(0).randint(0, 30, (2, 7)).astype(np.int32)
+  params = jax.jit(module.init)(jax.random.key(3), jnp.asarray(ids))["params"]
+  chars = [chr(ord("a") + i) for i in range(26)] + [" ", ".", ",", "\n"]
+  src = modeldir.save_model_dir(str(tmp_path / "jax"), model, params, {"kind": "char", "chars": chars})
+  out = api.jax2torch(src, str(tmp_path / "hrm.pt"), family="hrm")
+  ckpt = torch.load(out, weights_only=True)
+  config = {k: v for k, v in ckpt["config"].items() if k not in ("forward_dtype", "halt_exploration_prob")}
+  reference = OriginalHRM(**config)
+  reference.load_state_dict(ckpt["model_state_dict"], strict=True)
+  with torch.no_grad():
+    want = reference(torch.from_numpy(ids).long(), n=1, t=3).numpy()
+  _, module, params, _ = modeldir.load_model_dir(src)
+  got = np.asarray(module.apply({"params": params}, jnp.asarray(ids)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert ckpt["total_parameters"] == sum(p.numel() for p in reference.parameters())
+  assert [len(o["param_groups"][0]["params"]) for o in ckpt["optimizer_states"]] == [1, 4 + 6 * 3 - 1]
+  assert ckpt["tokenizer_vocab"] == {c: i for i, c in enumerate(chars)}
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path):
+  model = dict(arch="hrm", vocab_size=30, d_model=32, n_heads=2, l_layers=1, h_layers=1)  # pre-norm default
+  _, module = build_model(model)
+  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  src = modeldir.save_model_dir(str(tmp_path / "jax"), model, params)
+  with pytest.raises(ConversionError, match="model.norm_position is 'pre'"):
+    api.jax2torch(src, str(tmp_path / "hrm.pt"), family="hrm")
+
+
+def test_bad_checkpoints_name_the_key(tmp_path):
+  ckpt = torchfile.load(CHECKPOINT)
+  ckpt["model_state_dict"]["H_module.layers.1.norm2.weight"] = np.zeros(3, np.float32)
+  bad = str(tmp_path / "bad.pt")
+  torchfile.save(ckpt, bad)
+  with pytest.raises(ConversionError, match=r"'H_module.layers.1.norm2.weight' has shape \(3,\)"):
+    api.torch2jax(bad, str(tmp_path / "out"), family="hrm")
+  assert hrm_convert.tokens_from_vocab({"a": 0, "b": 1}, "x") == ["a", "b"]
+  with pytest.raises(ConversionError, match="token ids are not 0..1"):
+    hrm_convert.tokens_from_vocab({"a": 0, "b": 2}, "x")
