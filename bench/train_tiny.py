@@ -48,7 +48,13 @@ def run_jaxlm(steps, out):
   train = [r for r in rows if "tokens_per_sec" in r][1:]  # the first window includes compilation
   evals = [r for r in rows if "eval_loss" in r]
   tps = sum(r["tokens_per_sec"] for r in train) / max(len(train), 1)
-  return {"wall_s": wall, "tokens_per_sec": tps, "val_loss": evals[-1]["eval_loss"] if evals else float("nan")}
+  return {"wall_s": wall, "tokens_per_sec": tps, "val_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+          "evals": [(r["step"], r["eval_loss"], r["elapsed_s"]) for r in evals]}
+
+
+def first_below(evals, target):
+  """(step, seconds since the run started) of the first evaluation at or below target, or None."""
+  return next(((step, t) for step, loss, t in evals if loss <= target), None)
 
 
 def main():
@@ -56,6 +62,7 @@ def main():
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the peer; XLA "
                   "uses every core")
+  ap.add_argument("--target", type=float, default=1.88, help="validation loss nanoGPT's README quotes")
   ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_train_tiny"))
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -67,6 +74,11 @@ def main():
   print(f"ratio jaxlm/peer: wall {ours['wall_s'] / peer['wall_s']:.2f}x, "
         f"tokens/s {ours['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x, "
         f"val loss {ours['val_loss'] - peer['val_loss']:+.4f}")
+  for target in (args.target, peer["val_loss"]):
+    hit = first_below(ours["evals"], target)
+    where = f"at step {hit[0]}, {hit[1]:.1f} s after the run started" if hit else "not reached"
+    print(f"jaxlm validation loss <= {target:.4f}: {where} (peer: {peer['val_loss']:.4f} after "
+          f"{args.steps} steps, {peer['wall_s']:.1f} s)")
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump({"peer": peer, "jaxlm": ours, "steps": args.steps, "threads": args.threads}, f, indent=2)
 

@@ -152,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
 
   tc = config.train
+  run_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(tc.batch_size, mesh)
@@ -244,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         elapsed = time.perf_counter() - window_start
         last_loss = losses[-1]
         row = {"step": step, "loss": float(np.mean(losses)), "tokens_per_sec": window_steps * tokens_per_step / elapsed,
-               "lr": float(schedule(step - 1)),
+               "lr": float(schedule(step - 1)), "elapsed_s": time.perf_counter() - run_start,
                **{k: float(v) for k, v in step_metrics.items() if k != "loss"}}
         if not all(map(math.isfinite, losses)):
           raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
@@ -257,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
         eval_loss = evaluate(state.params)
-        writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
+        writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+                      "elapsed_s": time.perf_counter() - run_start})
         run_meta["eval_history"].append([step, eval_loss])
         _log_line(progress, f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
         if eval_loss < run_meta["best_eval_loss"]:

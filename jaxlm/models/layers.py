@@ -138,18 +138,23 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
 
 def explicit_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
                        dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
-  """softmax(q k^T / sqrt(H)) v written out, with optional dropout on the probabilities."""
+  """softmax(q k^T / sqrt(H)) v written out, with optional dropout on the probabilities.
+
+  Heads go first ([B, K, G, T, H]) so both products are plain batched matmuls.
+  """
   b, t, n, h = q_BxTxNxH.shape
   k = k_BxSxKxH.shape[2]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) / jnp.sqrt(h)
+  q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
+  v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / jnp.sqrt(h)
   scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_BxSxKxH.dtype), v_BxSxKxH)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BxSxKxH.dtype), v_BxKxSxH)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
