@@ -23,6 +23,7 @@ F = torch.nn.functional
 from convert import api, torchfile  # noqa: E402
 from jaxlm import modeldir  # noqa: E402
 from jaxlm.models import build_model  # noqa: E402
+from checkpoint_compare import assert_identical  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CHECKPOINTS = {"hrom": "hrom/hrom_20261125_133958_step0.pt", "optimus_prime": "optimus_prime/best_model.pt",
@@ -82,27 +83,6 @@ def test_detected_family_and_recorded_settings(converted):
 
 
 # ----------------------------------------------------------------------------------- round trip
-def assert_identical(a, b, path="checkpoint"):
-  """Same types, keys (in order), dtypes, shapes and bytes, recursively (and the state_dict _metadata)."""
-  if isinstance(a, np.ndarray):
-    assert isinstance(b, np.ndarray), path
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{path}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
-    assert a.tobytes() == b.tobytes(), f"{path}: values differ"
-    return
-  assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
-  if isinstance(a, dict):
-    assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"
-    for k in a:
-      assert_identical(a[k], b[k], f"{path}[{k!r}]")
-    assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
-  elif isinstance(a, (list, tuple)):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      assert_identical(x, y, f"{path}[{i}]")
-  else:
-    assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 @pytest.mark.parametrize("family", sorted(CHECKPOINTS))
 def test_round_trip_is_bit_exact(converted, family, tmp_path):
   out = api.jax2torch(converted[family], str(tmp_path))  # a directory: the original file name is used

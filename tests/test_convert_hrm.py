@@ -25,6 +25,7 @@ from convert.errors import ConversionError  # noqa: E402
 from jaxlm import modeldir  # noqa: E402
 from jaxlm.data import tokenizers  # noqa: E402
 from jaxlm.models import build_model  # noqa: E402
+from checkpoint_compare import assert_identical  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hrm")
 CHECKPOINT = os.path.join(FIXTURES, "hrm_continual_learning.pt")
@@ -107,26 +108,6 @@ def test_model_directory_carries_vocabulary_and_history(converted):
 
 
 # ------------------------------------------------------------------------------------------ round trip
-def assert_identical(a, b, path="checkpoint"):
-  """Same types, keys (in order), dtypes, shapes and bytes, recursively (and the state_dict _metadata)."""
-  if isinstance(a, np.ndarray):
-    assert isinstance(b, np.ndarray) and (a.dtype, a.shape) == (b.dtype, b.shape), path
-    assert a.tobytes() == b.tobytes(), f"{path}: values differ"
-    return
-  assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
-  if isinstance(a, dict):
-    assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"
-    for k in a:
-      assert_identical(a[k], b[k], f"{path}[{k!r}]")
-    assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
-  elif isinstance(a, (list, tuple)):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      assert_identical(x, y, f"{path}[{i}]")
-  else:
-    assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def test_round_trip_is_bit_exact(converted, tmp_path):
   out = api.jax2torch(converted, str(tmp_path))  # a directory: the original file name is used
   assert os.path.basename(out) == "hrm_continual_learning.pt"
