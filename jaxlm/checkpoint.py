@@ -10,6 +10,7 @@ leaves the previous checkpoint as the latest good one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,8 +26,17 @@ except (ImportError, AttributeError):  # pragma: no cover
 
 
 def _manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False)
+  if read_only:  # Orbax logs a warning for each option a read-only manager ignores; there is nothing to act on
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0,
+                                           enable_async_checkpointing=False)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+      return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    finally:
+      absl_log.setLevel(level)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
