@@ -107,9 +107,18 @@ def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "la
   tokenizer = _tokenizer_json(loaded.tokenizer_dir)
   if os.path.isdir(out) and not chosen.writes_directory:
     out = os.path.join(out, chosen.filename(model, source))
+  sidecars = {os.path.join(os.path.dirname(os.path.abspath(out)), name): data
+              for name, data in chosen.sidecars(model, source, tokenizer).items()}
+  clash = [p for p in sidecars if os.path.lexists(p) and not overwrite]
+  if clash:
+    raise ConversionError(f"{clash[0]} already exists (pass --overwrite to replace it)")
   try:
     with modeldir.staged_output(out, is_dir=chosen.writes_directory, overwrite=overwrite) as tmp:
       chosen.write(model, params, source, tokenizer, tmp, options)
   except FileExistsError as e:
     raise ConversionError(str(e)) from None
+  for path, data in sidecars.items():
+    with open(f"{path}.tmp", "wb") as f:
+      f.write(data)
+    os.replace(f"{path}.tmp", path)
   return os.path.abspath(out)

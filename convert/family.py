@@ -52,6 +52,12 @@ class Family(abc.ABC):
   def filename(self, model: Mapping[str, Any], source: Mapping[str, Any]) -> str:
     return self.default_filename
 
+  def sidecars(self, model: Mapping[str, Any], source: Mapping[str, Any],
+               tokenizer: Mapping[str, Any]) -> Dict[str, bytes]:
+    """Files the original code reads from beside its checkpoint, {file name: bytes}; jax2torch writes them next
+    to --out once the checkpoint itself is in place."""
+    return {}
+
 
 FAMILIES: Dict[str, Family] = {}
 

@@ -215,6 +215,15 @@ class HRM(fam.Family):
     return extras
 
   # ---------------------------------------------------------------------------------------- write
+  def sidecars(self, model, source, tokenizer):
+    """continual_tokenizer.json, which the original trainer and chat read beside the checkpoint."""
+    tokens = tokenizer.get("tokens") or list(tokenizer.get("chars") or "")
+    if tokenizer.get("kind") not in ("vocab", "char") or not tokens:
+      return {}
+    level = tokenizer.get("level", "char")
+    payload = {"level": level, "vocab": {t: i for i, t in enumerate(tokens)}, "vocab_size": len(tokens)}
+    return {TOKENIZER_JSON: json.dumps(payload).encode("utf-8")}
+
   def write(self, model, params, source, tokenizer, out, options):
     fam.require(model, {"norm_position": "post"}, "HRM")  # no module-final norms in the format
     width = _int_width(model["expansion"], model["d_model"])

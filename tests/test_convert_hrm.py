@@ -115,6 +115,11 @@ def test_round_trip_is_bit_exact(converted, tmp_path):
   assert_identical(written, original)
   loaded = torch.load(out, weights_only=True)  # as the original trainer and chat load it
   assert loaded["config"]["forward_dtype"] is torch.float32
+  # the tokenizer the original reads beside the checkpoint comes back byte for byte
+  with open(os.path.join(FIXTURES, "continual_tokenizer.json"), "rb") as f:
+    assert (tmp_path / "continual_tokenizer.json").read_bytes() == f.read()
+  with pytest.raises(ConversionError, match="continual_tokenizer.json already exists"):
+    api.jax2torch(converted, str(tmp_path / "again.pt"))
   print(f"\nhrm: {len(written['model_state_dict'])} tensors and {len(written) - 1} other entries bit-identical "
         "after torch2jax -> jax2torch")
 
