@@ -256,16 +256,10 @@ class HRMText1Family(fam.Family):
       if key in cfg and cfg[key] != value:
         raise ConversionError(f"{cfg_path}: {key}={cfg[key]!r} but the tensors in {path} say {value}")
     base = cfg.get("rotary_embedding_base")
-    theta = None
-    for i in range(n_layers):
-      for block in BLOCKS:
-        key = f"layers.{i}.{block}.attn.rotary_emb.inv_freq"
-        if key not in tensors:
-          raise ConversionError(f"{path}: missing tensor {key!r}")
-        t = _rope_theta(tensors[key], hd, key, path, float(base or SCRIPT_CONFIG["rotary_embedding_base"]))
-        if theta is not None and t != theta:
-          raise ConversionError(f"{path}: {key} uses RoPE theta {t:g}, layers.0 uses {theta:g}")
-        theta = t
+    keys = [f"layers.{i}.{block}.attn.rotary_emb.inv_freq" for i in range(n_layers) for block in BLOCKS]
+    default = float(base or SCRIPT_CONFIG["rotary_embedding_base"])
+    theta = layout.shared_rope_theta(tensors, keys, hd, path,
+                                     theta_of=lambda buf, hd, key, file: _rope_theta(buf, hd, key, file, default))
     if base is not None and float(base) != theta:
       raise ConversionError(f"{cfg_path}: rotary_embedding_base={base!r} but the inv_freq buffers say {theta:g}")
     return (v, d, n_layers, hd, f), theta

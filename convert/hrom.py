@@ -88,13 +88,7 @@ class HROM(fam.Family):
     v, d, n_layers, n, f = z["vocab_size"], z["dim"], z["n_layers"], z["n_heads"], z["ff_dim"]
     hd = d // n
     state = layout.check_state_dict(state, schema(v, d, n_layers, hd, f), src)
-    theta = None
-    for i in range(n_layers):
-      key = f"blocks.{i}.attn.rotary.inv_freq"
-      t = layout.rope_theta_from_buffer(state[key], hd, key, src)
-      if theta is not None and t != theta:
-        raise ConversionError(f"{src}: {key} uses RoPE theta {t:g}, layer 0 uses {theta:g}")
-      theta = t
+    theta = layout.shared_rope_theta(state, [f"blocks.{i}.attn.rotary.inv_freq" for i in range(n_layers)], hd, src)
     params = {"embed/embedding": state["embed.weight"],
               "final_norm/scale": state["norm.weight"], "final_norm/bias": state["norm.bias"],
               "head/kernel": layout.linear(state["head.weight"]), "head/bias": state["head.bias"]}

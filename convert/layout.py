@@ -8,7 +8,7 @@ Every helper returns a fresh C-contiguous array, so nothing aliases the source c
 from __future__ import annotations
 
 import collections
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,6 +103,21 @@ def rope_theta_from_buffer(inv_freq: np.ndarray, head_dim: int, key: str, file: 
 
 
 # ---------------------------------------------------------------------------------- schema check
+def shared_rope_theta(state: Mapping[str, np.ndarray], keys: Sequence[str], head_dim: int, file: str,
+                      theta_of: Optional[Callable[[np.ndarray, int, str, str], float]] = None) -> float:
+  """The one RoPE theta that every per-layer inv_freq buffer in `keys` holds (an error names the one that differs)."""
+  theta_of = theta_of or rope_theta_from_buffer
+  theta = None
+  for key in keys:
+    if key not in state:
+      raise ConversionError(f"{file}: missing tensor {key!r}")
+    t = theta_of(state[key], head_dim, key, file)
+    if theta is not None and t != theta:
+      raise ConversionError(f"{file}: {key} uses RoPE theta {t:g}, {keys[0]} uses {theta:g}")
+    theta = t
+  return theta
+
+
 def check_state_dict(state: Mapping[str, np.ndarray], schema: Mapping[str, Tuple[int, ...]],
                      file: str) -> Dict[str, np.ndarray]:
   """Checks keys and shapes against the schema; returns float32 copies in schema order.

@@ -78,13 +78,7 @@ class YingGem(fam.Family):
         raise ConversionError(f"{src}: config.json beside the checkpoint says {key}={side[key]!r} but the "
                               f"tensors say {value}")
     state = layout.check_state_dict(obj, schema(v, d, n_layers, hd, f), src)
-    theta = None
-    for i in range(n_layers):
-      key = f"block.{i}.attn.rope.freqs"
-      t = layout.rope_theta_from_buffer(state[key], hd, key, src)
-      if theta is not None and t != theta:
-        raise ConversionError(f"{src}: {key} uses RoPE theta {t:g}, layer 0 uses {theta:g}")
-      theta = t
+    theta = layout.shared_rope_theta(state, [f"block.{i}.attn.rope.freqs" for i in range(n_layers)], hd, src)
     params = {"embed/embedding": state["embed.weight"], "final_norm/scale": state["norm.weight"],
               "head/kernel": layout.linear(state["lm_head.weight"]), "head/bias": state["lm_head.bias"]}
     for i in range(n_layers):
