@@ -206,11 +206,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_fn = jax.jit(functools.partial(eval_step, module=module),
                     in_shardings=(state_sharding.params, batch_sh), out_shardings=sharding.replicated(mesh))
 
+  eval_batches = []  # built on the first evaluation, reused by the later ones
+
   def evaluate(params) -> float:
+    if not eval_batches:
+      eval_batches.extend(bundle.eval_batches())
     total, weight = 0.0, 0.0
-    for batch in bundle.eval_batches():
-      batch = _shard_batch(batch, batch_sh, eval_batch_size)
-      s, w = eval_fn(params, batch)
+    for batch in eval_batches:
+      s, w = eval_fn(params, _shard_batch(batch, batch_sh))
       total, weight = total + float(s), weight + float(w)
     return total / max(weight, 1.0)
 
@@ -232,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   with _StopRequest() as stop:
     while step < end_step:
-      batch = _shard_batch(next(bundle.train_iter), batch_sh, tc.batch_size)
+      batch = _shard_batch(next(bundle.train_iter), batch_sh)
       state, step_metrics = step_fn(state, batch, base_rng)
       step += 1
       window_steps += 1
@@ -298,10 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      interrupted=interrupted, sample=sample)
 
 
-def _shard_batch(batch: Dict[str, np.ndarray], batch_sh, batch_size: int) -> Dict[str, jax.Array]:
-  if batch["inputs"].shape[0] != batch_size:  # a short final eval batch: pad it with zero weights
-    pad = batch_size - batch["inputs"].shape[0]
-    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+def _shard_batch(batch: Dict[str, np.ndarray], batch_sh) -> Dict[str, jax.Array]:
+  """Batches always have the full batch size: the data pipeline fills a short last eval batch with weight-0 rows."""
   return {k: jax.device_put(np.asarray(v), batch_sh) for k, v in batch.items()}
 
 
