@@ -1,50 +1,76 @@
-"""Run metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events and loss_curve.png."""
+"""Run metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events and loss_curve.png.
+
+Only the primary process of a run writes them. A local metrics.jsonl is appended to row by row; on Cloud Storage,
+where objects cannot be appended to, the whole file is rewritten at most every `remote_flush_secs` and at close.
+"""
 from __future__ import annotations
 
+import io
 import json
-import os
+import time
 from typing import Dict, List
+
+from jaxlm import fs
 
 
 class MetricsWriter:
   """Appends rows to DIR/metrics.jsonl and TensorBoard; on resume drops rows past the restored step."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._truncate_after(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+  def __init__(self, workdir: str, resume_step: int = 0, remote_flush_secs: float = 30.0):
+    self.path = fs.join(workdir, "metrics.jsonl")
+    self._remote = fs.is_remote(self.path)
+    self._rows = self._kept_rows(resume_step)
+    self._flush_secs, self._flushed_at = remote_flush_secs, time.monotonic()
+    fs.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
+    self._file = None if self._remote else open(self.path, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(fs.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard events are a convenience; the JSONL file is the record.
       self._tb = None
 
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, self.path)
+  def _kept_rows(self, step: int) -> List[Dict]:
+    if not fs.exists(self.path):
+      return []
+    return [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
 
   def write(self, row: Dict) -> None:
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if self._remote:
+      self._rows.append(row)
+      if time.monotonic() - self._flushed_at >= self._flush_secs:
+        self._flush_remote()
+    else:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, row["step"])
 
+  def _flush_remote(self) -> None:
+    fs.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
+    self._flushed_at = time.monotonic()
+
   def close(self) -> None:
-    self._file.close()
+    if self._remote:
+      self._flush_remote()
+    else:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
 
 def read_metrics(path: str) -> List[Dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of a metrics.jsonl; a last line cut short (a process killed while writing it) is dropped."""
+  lines = [line for line in fs.read_text(str(path)).splitlines() if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+  return rows
 
 
 def plot_loss_curve(metrics_path: str, out_path: str) -> None:
@@ -64,5 +90,7 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  fs.write_bytes_atomic(str(out_path), png.getvalue())

@@ -150,7 +150,8 @@ def _load_dir(path: str) -> Loaded:
 
 
 def is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
+  from jaxlm import fs
+  return fs.exists(fs.join(path, "checkpoints"))
 
 
 def load(path: str, which: str = "latest") -> Loaded:

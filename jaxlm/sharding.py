@@ -84,3 +84,21 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch
   if batch_size % shards:
     raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel shards of "
                      f"mesh {dict(mesh.shape)}; pick a multiple of {shards} or change mesh.data")
+
+
+def process_rows(batch_sh: NamedSharding, batch_size: int) -> np.ndarray | None:
+  """Sorted rows of a [batch_size, ...] global batch that this process's devices hold; None when it holds all
+  (one process, or the batch replicated across processes). What each process's data pipeline reads, in the order
+  `jax.make_array_from_process_local_data` expects."""
+  rows = set()
+  for index in batch_sh.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(batch_size)[index[0]])
+  return None if len(rows) == batch_size else np.asarray(sorted(rows), np.int64)
+
+
+def global_batch(batch: dict, batch_sh: NamedSharding, batch_size: int) -> dict:
+  """Process-local numpy rows -> global jax arrays of `batch_size` rows, sharded by `batch_sh`."""
+  if jax.process_count() == 1:
+    return {k: jax.device_put(np.asarray(v), batch_sh) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v), (batch_size,) + np.shape(v)[1:])
+          for k, v in batch.items()}

@@ -1,6 +1,8 @@
 """python -m jaxlm.train --config configs/<family>.py[:<variant>] --workdir DIR [--config.a.b=v ...]
 
-Running the same command again resumes from DIR's latest checkpoint.
+Running the same command again resumes from DIR's latest checkpoint. For a multi-process run, start the same
+command on every host: JAX's cluster detection (TPU pod slices, SLURM, Open MPI, Kubernetes) connects them, or
+add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to each.
 """
 import logging
 import sys
@@ -11,6 +13,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/yinggem.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard, plots.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for a multi-process run outside a detected cluster.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,12 +50,21 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from jaxlm import distributed
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if not distributed.is_primary():  # one log for the run: the others speak only of problems
+    logging.getLogger().setLevel(logging.WARNING)
   from jaxlm import trainer
   try:
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.getLogger("jaxlm.train").debug("details", exc_info=True)
     sys.exit(f"error: {e}")
+  if not distributed.is_primary():
+    return
   status = "interrupted (resume with the same command)" if result.interrupted else (
       "stopped early" if result.stopped_early else "finished")
   print(f"{status} at step {result.step}: last train loss {result.last_loss:.4f}, "

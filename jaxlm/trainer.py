@@ -2,6 +2,12 @@
 
 `train_and_evaluate(config, workdir)` is the whole job; running it again on the same workdir resumes from the
 latest checkpoint with the same data order and dropout keys, so the loss trajectory equals an uninterrupted run.
+
+The same code runs as one process or as many (one per TPU VM worker / GPU node, see jaxlm.distributed). The
+multi-process rules all live in `Trainer`: each process reads only the rows of each global batch its devices
+hold; the primary alone writes shared files (config.json, tokenizer, metrics, plots) and shows progress; every
+process takes part in checkpoint saves and restores; a stop request on any process stops all of them after the
+same step.
 """
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
+import tempfile
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,8 +30,8 @@ import numpy as np
 import optax
 
 from jaxlm import checkpoint as ckpt_lib
+from jaxlm import distributed, fs, optim, sharding
 from jaxlm import metrics as metrics_lib
-from jaxlm import optim, sharding
 from jaxlm.models import build_model
 
 log = logging.getLogger("jaxlm.train")
@@ -82,10 +88,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Arr
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, module) -> Tuple[jax.Array, jax.Array]:
-  """(sum of token cross-entropies, sum of weights) on one batch."""
+def eval_step(params, batch, totals, *, module) -> jax.Array:
+  """`totals` + [sum of token cross-entropies, sum of weights] of one batch: an evaluation sums on the
+  devices and reads the result once."""
   _, weight, sums = _loss_sums(params, batch, jax.random.key(0), module, deterministic=True)
-  return sums["xent"], weight
+  return totals + jnp.stack([sums["xent"], weight])
 
 
 # ------------------------------------------------------------------------------------------ setup helpers
@@ -144,166 +151,237 @@ class TrainResult:
   sample: Optional[str] = None
 
 
-# ------------------------------------------------------------------------------------------ main loop
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_steps: Optional[int] = None) -> TrainResult:
-  """Trains `config` in `workdir`. `stop_after_steps` stops (saving) after that many steps of this call,
-  as an interruption would; it exists for resume tests."""
-  from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
+# ------------------------------------------------------------------------------------------ the run
+class Trainer:
+  """One run in one workdir: `Trainer(config, workdir).run()`.
 
-  tc = config.train
-  run_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_divisible(tc.batch_size, mesh)
-  if tc.batch_size % config.opt.grad_accum:
-    raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by opt.grad_accum={config.opt.grad_accum}")
-  rules = sharding.rules_from_config(config.mesh)
+  Setup (__init__) builds the mesh, the tokenizer, this process's data, the model and the state (restored or
+  fresh); `run` is the step loop; `evaluate` and `save` are the pieces it calls.
+  """
 
-  tokenizer_dir = os.path.join(workdir, "tokenizer")
-  eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
-  sharding.check_batch_divisible(eval_batch_size, mesh, field="train.eval_batch_size")
-  bundle = data_lib.build_data(config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
-                               tokenizer_dir=tokenizer_dir, eval_batch_size=eval_batch_size)
-  model_dict = _model_dict(config, bundle.vocab_size)
-  model_cfg, module = build_model(model_dict)
-  model_dict = {**model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
-  optimizer, schedule = optim.make_optimizer(config.opt, tc.steps)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
+    self.config, self.tc = config, config.train
+    tc = self.tc
+    self.run_start = time.perf_counter()
+    self.workdir = fs.absolute(workdir)
+    self.primary = distributed.is_primary()
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(tc.batch_size, self.mesh)
+    if tc.batch_size % config.opt.grad_accum:
+      raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by opt.grad_accum={config.opt.grad_accum}")
+    self.eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
+    sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
+    self.batch_sh = sharding.batch_sharding(self.mesh)
+    if self.primary:
+      fs.makedirs(self.workdir)
 
-  def init_state(rng):
-    dummy = jnp.zeros((1, tc.seq_len), jnp.int32)
-    params = module.init({"params": rng}, dummy)["params"]
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+    self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
+    self.start_step = self.checkpointer.latest_step()
+    saved_meta = self.checkpointer.read_meta(self.start_step) if self.start_step is not None else None
+    # One global batch per step; older checkpoints (Grain iterator state) have no data_position.
+    self.data_position = int(saved_meta.get("data_position", self.start_step)) if saved_meta else 0
 
-  base_rng = jax.random.key(tc.seed)
-  boxed = jax.eval_shape(init_state, base_rng)
-  state_sharding = sharding.logical_shardings(boxed, mesh, rules)
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                nn.unbox(boxed), state_sharding)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
+    tokenizer = self._shared_tokenizer(data_lib)
+    self.data = data_lib.build_data(
+        config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
+        eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
+        eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
 
-  checkpointer = ckpt_lib.RunCheckpointer(workdir, keep=tc.keep_checkpoints)
-  start_step = checkpointer.latest_step()
-  run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
-  if start_step is not None:
-    _check_same_model(checkpointer.read_meta(start_step)["model"], model_dict, workdir)
-    state, saved = checkpointer.restore(start_step, abstract_state, bundle.train_iter)
-    run_meta.update({k: saved[k] for k in run_meta if k in saved})
-    log.info("resumed from %s at step %d", workdir, start_step)
-  else:
-    start_step = 0
-    state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_sharding)(
-        jax.random.fold_in(base_rng, 1))
-  ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"),
-                             {"model": model_dict, "config": json.loads(config.to_json_best_effort()),
-                              "tokenizer": {"dir": "tokenizer"}})
+    model_dict = _model_dict(config, self.data.vocab_size)
+    self.model_cfg, self.module = build_model(model_dict)
+    self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
+    self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps)
+    self.base_rng = jax.random.key(tc.seed)
+    boxed = jax.eval_shape(self._init_state, self.base_rng)
+    self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(config.mesh))
+    self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
 
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, module=module, optimizer=optimizer, grad_accum=config.opt.grad_accum),
-      in_shardings=(state_sharding, batch_sh, sharding.replicated(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, module=module),
-                    in_shardings=(state_sharding.params, batch_sh), out_shardings=sharding.replicated(mesh))
+    self.run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
+    if saved_meta is not None:
+      _check_same_model(saved_meta["model"], self.model_dict, self.workdir)
+      abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                    nn.unbox(boxed), self.state_sharding)
+      self.state, saved = self.checkpointer.restore(self.start_step, abstract_state)
+      self.run_meta.update({k: saved[k] for k in self.run_meta if k in saved})
+      log.info("resumed from %s at step %d", self.workdir, self.start_step)
+    else:
+      self.start_step = 0
+      self.state = jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
+          jax.random.fold_in(self.base_rng, 1))
+    if self.primary:
+      fs.write_json_atomic(fs.join(self.workdir, "config.json"),
+                           {"model": self.model_dict, "config": json.loads(config.to_json_best_effort()),
+                            "tokenizer": {"dir": "tokenizer"}})
 
-  eval_batches = []  # built on the first evaluation, reused by the later ones
+    replicated = sharding.replicated(self.mesh)
+    self.step_fn = jax.jit(
+        functools.partial(train_step, module=self.module, optimizer=self.optimizer, grad_accum=config.opt.grad_accum),
+        in_shardings=(self.state_sharding, self.batch_sh, replicated),
+        out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
+    self.eval_fn = jax.jit(functools.partial(eval_step, module=self.module),
+                           in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
+                           out_shardings=replicated)
+    self._eval_batches = None  # built on the first evaluation, reused by the later ones
 
-  def evaluate(params) -> float:
-    if not eval_batches:
-      eval_batches.extend(bundle.eval_batches())
-    total, weight = 0.0, 0.0
-    for batch in eval_batches:
-      s, w = eval_fn(params, _shard_batch(batch, batch_sh))
-      total, weight = total + float(s), weight + float(w)
+  # ---------------------------------------------------------------------------------------- setup pieces
+  def _init_state(self, rng):
+    dummy = jnp.zeros((1, self.tc.seq_len), jnp.int32)
+    params = self.module.init({"params": rng}, dummy)["params"]
+    return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
+
+  def _shared_tokenizer(self, data_lib):
+    """The run's tokenizer: the primary loads the saved one or builds and saves it; the others load what it
+    saved, so every process has the same vocabulary even when building one is not deterministic."""
+    tokenizer_dir = fs.join(self.workdir, "tokenizer")
+    saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
+    tokenizer = None
+    if self.primary:
+      if not fs.is_remote(tokenizer_dir):
+        tokenizer = data_lib.resolve_tokenizer(self.config.data, tokenizer_dir)
+      else:  # tokenizers read and write local files: work on a local copy, upload a new one
+        local = fs.local_dir(tokenizer_dir) if saved else tempfile.mkdtemp(prefix="jaxlm-tokenizer-")
+        tokenizer = data_lib.resolve_tokenizer(self.config.data, local)
+        if not saved:
+          fs.copy_tree(local, tokenizer_dir)
+    distributed.sync("jaxlm:tokenizer")
+    if tokenizer is None:
+      if not fs.exists(fs.join(tokenizer_dir, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"process {jax.process_index()} cannot see the tokenizer process 0 saved in {tokenizer_dir!r}: the "
+            "workdir must be on storage every process shares (gs://, NFS)")
+      tokenizer = data_lib.load_tokenizer(fs.local_dir(tokenizer_dir))
+    return tokenizer
+
+  # ---------------------------------------------------------------------------------------- loop pieces
+  def _global(self, batch, batch_size: int) -> Dict[str, jax.Array]:
+    return sharding.global_batch(batch, self.batch_sh, batch_size)
+
+  def evaluate(self, params) -> float:
+    """Mean token cross-entropy over the validation batches; summed on the devices, one read at the end."""
+    if self._eval_batches is None:
+      self._eval_batches = self.data.eval_batches()
+    totals = jnp.zeros((2,), jnp.float32)
+    for batch in self._eval_batches:
+      totals = self.eval_fn(params, self._global(batch, self.eval_batch_size), totals)
+    total, weight = (float(x) for x in jax.device_get(totals))
     return total / max(weight, 1.0)
 
-  def meta(step):
-    return {"step": step, "model": model_dict, **run_meta}
+  def _meta(self, step: int) -> Dict[str, Any]:
+    return {"step": step, "model": self.model_dict, "data_position": self.data_position, **self.run_meta}
 
-  def save(step):
-    checkpointer.save(step, state, bundle.train_iter, meta(step))
+  def save(self, step: int) -> None:
+    self.checkpointer.save(step, self.state, self._meta(step))
 
-  log.info("model %s: %s parameters | mesh %s | %d train / %d validation tokens | vocab %d",
-           model_dict.get("family") or model_dict["arch"], f"{n_params:,}", dict(mesh.shape),
-           bundle.train_tokens, bundle.val_tokens, model_dict["vocab_size"])
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
-  tokens_per_step = tc.batch_size * tc.seq_len
-  end_step = tc.steps if stop_after_steps is None else min(tc.steps, start_step + stop_after_steps)
-  progress = _progress_bar(tc, start_step)
-  step, last_loss, stopped_early, interrupted = start_step, float("nan"), False, False
-  window_start, window_steps, window_losses = time.perf_counter(), 0, []
+  def _log(self, text: str) -> None:
+    if self.primary:
+      _log_line(self.progress, text)
 
-  with _StopRequest() as stop:
-    while step < end_step:
-      batch = _shard_batch(next(bundle.train_iter), batch_sh)
-      state, step_metrics = step_fn(state, batch, base_rng)
-      step += 1
-      window_steps += 1
-      window_losses.append(step_metrics["loss"])
-      if progress is not None:
-        progress.update(1)
+  def run(self, stop_after_steps: Optional[int] = None) -> TrainResult:
+    """Trains to `train.steps` (or early stopping, or a stop request). `stop_after_steps` stops (saving) after
+    that many steps of this call, as an interruption would; it exists for resume tests."""
+    tc = self.tc
+    log.info("model %s: %s parameters | mesh %s | %d process(es) | %d train / %d validation tokens | vocab %d",
+             self.model_dict.get("family") or self.model_dict["arch"], f"{self.n_params:,}", dict(self.mesh.shape),
+             jax.process_count(), self.data.train_tokens, self.data.val_tokens, self.model_dict["vocab_size"])
+    writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.start_step) if self.primary else None
+    tokens_per_step = tc.batch_size * tc.seq_len
+    end_step = tc.steps if stop_after_steps is None else min(tc.steps, self.start_step + stop_after_steps)
+    self.progress = _progress_bar(tc, self.start_step) if self.primary else None
+    step, last_loss, stopped_early, interrupted = self.start_step, float("nan"), False, False
+    window_start, window_steps, window_losses = time.perf_counter(), 0, []
+    vote = distributed.StopVote()
 
-      if step % tc.log_every == 0 or step == end_step:
-        losses = [float(x) for x in window_losses]  # one device sync per log interval
-        elapsed = time.perf_counter() - window_start
-        last_loss = losses[-1]
-        row = {"step": step, "loss": float(np.mean(losses)), "tokens_per_sec": window_steps * tokens_per_step / elapsed,
-               "lr": float(schedule(step - 1)), "elapsed_s": time.perf_counter() - run_start,
-               **{k: float(v) for k, v in step_metrics.items() if k != "loss"}}
-        if not all(map(math.isfinite, losses)):
-          raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
-        writer.write(row)
-        if progress is not None:
-          progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
-        else:
-          log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
-        window_start, window_steps, window_losses = time.perf_counter(), 0, []
+    with _StopRequest() as stop:
+      while step < end_step:
+        batch = self._global(next(self.data.train_iter), tc.batch_size)
+        self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
+        step += 1
+        self.data_position += 1
+        window_steps += 1
+        window_losses.append(step_metrics["loss"])
+        if self.progress is not None:
+          self.progress.update(1)
+        interrupted = vote.vote(stop.requested)  # the same answer, at the same step, on every process
 
-      if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-        eval_loss = evaluate(state.params)
-        writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
-                      "elapsed_s": time.perf_counter() - run_start})
-        run_meta["eval_history"].append([step, eval_loss])
-        _log_line(progress, f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
-        if eval_loss < run_meta["best_eval_loss"]:
-          run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
-          checkpointer.save_best(step, state.params, meta(step))
-        else:
-          run_meta["bad_evals"] += 1
-          if tc.patience and run_meta["bad_evals"] >= tc.patience:
-            _log_line(progress, f"early stopping: no improvement in {tc.patience} evaluations")
-            stopped_early = True
-        window_start = time.perf_counter()  # evaluation time is not training throughput
+        if step % tc.log_every == 0 or step == end_step:
+          losses = [float(x) for x in window_losses]  # one device sync per log interval
+          elapsed = time.perf_counter() - window_start
+          last_loss = losses[-1]
+          if not all(map(math.isfinite, losses)):
+            raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
+          row = {"step": step, "loss": float(np.mean(losses)),
+                 "tokens_per_sec": window_steps * tokens_per_step / elapsed,
+                 "lr": float(self.schedule(step - 1)), "elapsed_s": time.perf_counter() - self.run_start,
+                 **{k: float(v) for k, v in step_metrics.items() if k != "loss"}}
+          if writer is not None:
+            writer.write(row)
+          if self.progress is not None:
+            self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+          elif self.primary:
+            log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
+          window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
-      if stop.requested:
-        interrupted = True
-      if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
-        save(step)
-      if stopped_early or interrupted:
-        break
+        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+          eval_loss = self.evaluate(self.state.params)
+          if writer is not None:
+            writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+                          "elapsed_s": time.perf_counter() - self.run_start})
+          self.run_meta["eval_history"].append([step, eval_loss])
+          self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
+          if eval_loss < self.run_meta["best_eval_loss"]:
+            self.run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
+            self.checkpointer.save_best(step, self.state.params, self._meta(step))
+          else:
+            self.run_meta["bad_evals"] += 1
+            if tc.patience and self.run_meta["bad_evals"] >= tc.patience:
+              self._log(f"early stopping: no improvement in {tc.patience} evaluations")
+              stopped_early = True
+          window_start = time.perf_counter()  # evaluation time is not training throughput
 
-  if progress is not None:
-    progress.close()
-  writer.close()
-  checkpointer.close()
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    metrics_lib.plot_loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
+        if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
+          self.save(step)
+        if stopped_early or interrupted:
+          break
 
-  sample = None
-  finished = step >= tc.steps or stopped_early
-  if finished and tc.sample_tokens and not interrupted:
-    sample = _sample(module, state.params, bundle.tokenizer, tc, model_cfg)
+    if self.progress is not None:
+      self.progress.close()
+    self.checkpointer.close()  # waits for the saves in flight
+    if writer is not None:
+      writer.close()
+      metrics_path = fs.join(self.workdir, "metrics.jsonl")
+      if fs.exists(metrics_path):
+        metrics_lib.plot_loss_curve(metrics_path, fs.join(self.workdir, "loss_curve.png"))
+
+    sample = None
+    finished = step >= tc.steps or stopped_early
+    if finished and tc.sample_tokens and not interrupted:
+      sample = self._sample()
+    return TrainResult(step=step, last_loss=last_loss, best_eval_loss=self.run_meta["best_eval_loss"],
+                       eval_history=self.run_meta["eval_history"], stopped_early=stopped_early,
+                       interrupted=interrupted, sample=sample)
+
+  def _sample(self) -> Optional[str]:
+    """A short generation from the final parameters, printed by the primary."""
+    if jax.process_count() > 1:  # every process takes part in gathering the sharded parameters
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(self.state.params, tiled=True)
+    else:
+      params = jax.device_get(self.state.params)
+    if not self.primary:
+      return None
+    tc = self.tc
+    sample = _sample(self.module, params, self.data.tokenizer, tc, self.model_cfg)
     print(f"\n----- sample ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}) -----\n"
           f"{sample}\n-----", flush=True)
-  return TrainResult(step=step, last_loss=last_loss, best_eval_loss=run_meta["best_eval_loss"],
-                     eval_history=run_meta["eval_history"], stopped_early=stopped_early,
-                     interrupted=interrupted, sample=sample)
+    return sample
 
 
-def _shard_batch(batch: Dict[str, np.ndarray], batch_sh) -> Dict[str, jax.Array]:
-  """Batches always have the full batch size: the data pipeline fills a short last eval batch with weight-0 rows."""
-  return {k: jax.device_put(np.asarray(v), batch_sh) for k, v in batch.items()}
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_steps: Optional[int] = None) -> TrainResult:
+  """Trains `config` in `workdir` (see Trainer). `stop_after_steps` stops (saving) after that many steps of this
+  call, as an interruption would; it exists for resume tests."""
+  return Trainer(config, workdir).run(stop_after_steps)
 
 
 def _progress_bar(tc, start_step):
@@ -322,7 +400,6 @@ def _log_line(progress, text: str) -> None:
 
 def _sample(module, params, tokenizer, tc, model_cfg) -> str:
   from jaxlm.generate import sample_ids
-  params = jax.device_get(params)
   prompt = tokenizer.encode(tc.sample_prompt) or [0]
   new = sample_ids(module, params, prompt, tc.sample_tokens, context=min(tc.seq_len, model_cfg.max_seq_len),
                    temperature=tc.sample_temperature, seed=tc.seed)

@@ -351,7 +351,7 @@ def test_jax2torch_exports_a_training_workdir(converted, tmp_path):
   checkpoint = pytest.importorskip("jaxlm.checkpoint")
   loaded = modeldir.load(converted["hrom"])
   run = checkpoint.RunCheckpointer(str(tmp_path / "work"))
-  run.save(3, {"params": loaded.params}, None, {"model": loaded.model_dict})
+  run.save(3, {"params": loaded.params}, {"model": loaded.model_dict})
   run.close()
   out = api.jax2torch(str(tmp_path / "work"), str(tmp_path / "hrom.pt"))
   written, original = torchfile.load(out), torchfile.load(os.path.join(FIXTURES, CHECKPOINTS["hrom"]))

@@ -80,7 +80,7 @@ def test_score_reads_a_training_workdir(hrom_dir, tmp_path, capsys):
   checkpoint = pytest.importorskip("jaxlm.checkpoint")
   loaded = modeldir.load(hrom_dir)
   run = checkpoint.RunCheckpointer(str(tmp_path / "work"))
-  run.save(7, {"params": loaded.params}, None, {"model": loaded.model_dict})
+  run.save(7, {"params": loaded.params}, {"model": loaded.model_dict})
   run.close()
   out = tmp_path / "logits.npy"
   argv = ["--checkpoint", str(tmp_path / "work"), "--tokens", os.path.join(HROM, "input_ids.npy"), "--out", str(out)]

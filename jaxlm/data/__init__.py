@@ -1,5 +1,5 @@
 """Corpora, tokenizers and Grain input pipelines; `build_data` is the trainer's entry point."""
-from jaxlm.data.pipeline import DataBundle, build_data, default_data_config
+from jaxlm.data.pipeline import DataBundle, build_data, default_data_config, resolve_tokenizer
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 
-__all__ = ["DataBundle", "Tokenizer", "build_data", "default_data_config", "load_tokenizer", "make_tokenizer"]
+__all__ = ["DataBundle", "Tokenizer", "build_data", "default_data_config", "load_tokenizer", "make_tokenizer", "resolve_tokenizer"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import grain
 import ml_collections
@@ -71,42 +71,59 @@ def window_starts(n_tokens: int, seq_len: int, stride: int) -> range:
   return range(0, max(0, n_tokens - seq_len), stride)
 
 
-class WindowExample:
-  """Start offset -> one example. A class, not a closure, so Grain workers can pickle it."""
+class LocalWindows:
+  """A global batch of window start offsets -> this process's rows of it, as one example batch.
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  A class, not a closure, so Grain workers can pickle it. `rows` (sorted global row indices) selects what this
+  process's devices hold; only those windows are read.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, rows: Sequence[int] | None = None):
     self.tokens = tokens
     self.seq_len = seq_len
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
 
-  def __call__(self, start: int) -> Batch:
-    window = self.tokens[start:start + self.seq_len + 1]
-    return {"inputs": window[:-1], "targets": window[1:], "weights": np.ones(self.seq_len, np.float32)}
+  def __call__(self, starts: np.ndarray) -> Batch:
+    starts = np.asarray(starts, np.int64)
+    if self.rows is not None:
+      starts = starts[self.rows]
+    window = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)[None, :]]
+    return {"inputs": window[:, :-1], "targets": window[:, 1:],
+            "weights": np.ones((len(starts), self.seq_len), np.float32)}
 
 
 # ---------------------------------------------------------------- training
 
-def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, stride: int = 1) -> grain.MapDataset:
-  """Infinite, shuffled (reshuffled each epoch) batches of windows."""
+def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, stride: int = 1,
+                  rows: Sequence[int] | None = None, start_batch: int = 0) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled each epoch) batches of windows, from global batch `start_batch` on.
+
+  Global batch b holds examples b*batch_size ... (b+1)*batch_size - 1 of the shuffled, repeated stream of start
+  offsets, whatever the number of processes; a process reads only `rows` of each (all rows when None). Only the
+  offsets of the other rows are touched, never their tokens.
+  """
   starts = window_starts(len(tokens), seq_len, stride)
   return (grain.MapDataset.range(starts.start, starts.stop, starts.step)
           .shuffle(seed=int(seed))
           .repeat()
-          .map(WindowExample(np.asarray(tokens, np.int32), seq_len))
-          .batch(batch_size, drop_remainder=True))
+          .batch(batch_size, drop_remainder=True)
+          .map(LocalWindows(np.asarray(tokens, np.int32), seq_len, rows))
+          [int(start_batch):])
 
 
 def train_iterator(dataset: grain.MapDataset, *, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator. A MapDataset has no state of its own: its iterator (from
-  `to_iter_dataset`) carries `get_state()`; the prefetch buffer is kept small since elements are whole batches."""
+  """An iterator that reads ahead in threads; the prefetch buffer is kept small since elements are whole
+  batches. The trainer records its position as a count of global batches (see `train_dataset`)."""
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(dataset.to_iter_dataset(options))
 
 
 # ---------------------------------------------------------------- validation
 
-def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0) -> List[Batch]:
+def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0,
+                 rows: Sequence[int] | None = None) -> List[Batch]:
   """Non-overlapping windows in order. The last batch is filled with zero rows of weight 0 so every
-  batch has the same shape."""
+  batch has the same shape. With `rows`, each batch keeps only those rows of the global batch."""
   starts = np.asarray(window_starts(len(tokens), seq_len, seq_len), dtype=np.int64)
   if max_batches:
     starts = starts[:max_batches * batch_size]
@@ -119,6 +136,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batch
     windows[:len(chunk)] = tokens[index]
     weights = np.zeros((batch_size, seq_len), np.float32)
     weights[:len(chunk)] = 1.0
+    if rows is not None:
+      windows, weights = windows[rows], weights[rows]
     batches.append({"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": weights})
   return batches
 
@@ -143,15 +162,25 @@ def _config_values(data_cfg) -> Dict[str, Any]:
 def _tokenizer(cfg: Mapping[str, Any], text_fn: Callable[[], str], tokenizer_dir) -> tokenizers.Tokenizer:
   """The tokenizer saved in `tokenizer_dir` if there is one (a resumed run keeps its vocabulary), else a new one."""
   if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)):
-    tok = tokenizers.load_tokenizer(tokenizer_dir)
-    if tok.kind != cfg["tokenizer"]:
-      raise ValueError(f"{os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)} holds a {tok.kind!r} tokenizer "
-                       f"but data.tokenizer is {cfg['tokenizer']!r}")
-    return tok
+    return _check_kind(tokenizers.load_tokenizer(tokenizer_dir), cfg, os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE))
   tok = tokenizers.make_tokenizer(cfg, text_fn, work_dir=tokenizer_dir)
   if tokenizer_dir:
     tok.save(tokenizer_dir)
   return tok
+
+
+def _check_kind(tok: tokenizers.Tokenizer, cfg: Mapping[str, Any], where: str) -> tokenizers.Tokenizer:
+  if tok.kind != cfg["tokenizer"]:
+    raise ValueError(f"{where} holds a {tok.kind!r} tokenizer but data.tokenizer is {cfg['tokenizer']!r}")
+  return tok
+
+
+def resolve_tokenizer(data_cfg, tokenizer_dir: str) -> tokenizers.Tokenizer:
+  """The tokenizer saved in local `tokenizer_dir`, else a new one (trained on the corpus when its kind trains),
+  saved there. What the primary process of a run does before the others load the saved one."""
+  cfg = _config_values(data_cfg)
+  return _tokenizer(cfg, lambda: sources.load_text(str(cfg["corpus"]), cfg["text_field"], cfg["format"]),
+                    tokenizer_dir)
 
 
 def _too_short(split: str, corpus: str, n: int, seq_len: int, val_fraction: float) -> ValueError:
@@ -161,12 +190,16 @@ def _too_short(split: str, corpus: str, n: int, seq_len: int, val_fraction: floa
 
 
 def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_dir: str | None = None,
-               eval_batch_size: int = 0) -> DataBundle:
+               eval_batch_size: int = 0, tokenizer: Optional[tokenizers.Tokenizer] = None,
+               rows: Optional[Sequence[int]] = None, eval_rows: Optional[Sequence[int]] = None,
+               start_batch: int = 0) -> DataBundle:
   """Reads the corpus, tokenizes it, splits train/validation and builds the train iterator and eval batches.
 
   A `char` vocabulary is built from the whole corpus (as nanoGPT does), so validation text has no
-  unknown characters. With `tokenizer_dir`, a tokenizer.json already there is reused, else the new
-  tokenizer is saved there. Validation batches hold `eval_batch_size` windows (0: batch_size).
+  unknown characters. `tokenizer` is used as given; else, with `tokenizer_dir`, a tokenizer.json already there
+  is reused, or the new tokenizer is saved there. Validation batches hold `eval_batch_size` windows
+  (0: batch_size). In a multi-process run `rows` / `eval_rows` are the rows of each global train / validation
+  batch this process feeds (None: all); training starts at global batch `start_batch` (a resumed run).
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
@@ -174,7 +207,10 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
   corpus = str(cfg["corpus"])
   docs = sources.load_documents(corpus, cfg["text_field"], cfg["format"])
   text = sources.DOC_SEPARATOR.join(docs)
-  tok = _tokenizer(cfg, lambda: text, tokenizer_dir)
+  if tokenizer is not None:
+    tok = _check_kind(tokenizer, cfg, "the given tokenizer")
+  else:
+    tok = _tokenizer(cfg, lambda: text, tokenizer_dir)
 
   vocab_size = int(cfg["vocab_size"]) or tok.vocab_size
   if vocab_size < tok.vocab_size:
@@ -191,13 +227,15 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
     raise _too_short("validation", corpus, len(val), seq_len, cfg["val_fraction"])
 
   stride = _STRIDES[cfg["packing"]](seq_len)
-  dataset = train_dataset(train, seq_len=seq_len, batch_size=batch_size, seed=seed, stride=stride)
+  dataset = train_dataset(train, seq_len=seq_len, batch_size=batch_size, seed=seed, stride=stride, rows=rows,
+                          start_batch=start_batch)
   max_eval = int(cfg["eval_batches"])
   eval_batch_size = eval_batch_size or batch_size
   return DataBundle(
       tokenizer=tok,
       train_iter=train_iterator(dataset),
-      eval_batches=lambda: eval_batches(val, seq_len=seq_len, batch_size=eval_batch_size, max_batches=max_eval),
+      eval_batches=lambda: eval_batches(val, seq_len=seq_len, batch_size=eval_batch_size, max_batches=max_eval,
+                                        rows=eval_rows),
       train_tokens=len(train),
       val_tokens=len(val),
       vocab_size=vocab_size,
