@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from typing import Dict, List
 
@@ -23,11 +24,8 @@ class MetricsWriter:
     self._flush_secs, self._flushed_at = remote_flush_secs, time.monotonic()
     fs.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
     self._file = None if self._remote else open(self.path, "a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(fs.join(workdir, "tensorboard"))
-    except ImportError:  # TensorBoard events are a convenience; the JSONL file is the record.
-      self._tb = None
+    summary_writer = _summary_writer_class()
+    self._tb = summary_writer(fs.join(workdir, "tensorboard")) if summary_writer else None
 
   def _kept_rows(self, step: int) -> List[Dict]:
     if not fs.exists(self.path):
@@ -58,6 +56,25 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, or None without tensorboardX (the JSONL file is the record).
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors (2+ s of start-up); we log
+  floats, so torch is hidden from that import unless something already loaded it.
+  """
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]
 
 
 def read_metrics(path: str) -> List[Dict]:

@@ -261,7 +261,7 @@ class Trainer:
     """Mean token cross-entropy over the validation batches; summed on the devices, one read at the end."""
     if self._eval_batches is None:
       self._eval_batches = self.data.eval_batches()
-    totals = jnp.zeros((2,), jnp.float32)
+    totals = jax.device_put(np.zeros((2,), np.float32), sharding.replicated(self.mesh))  # as eval_fn returns it
     for batch in self._eval_batches:
       totals = self.eval_fn(params, self._global(batch, self.eval_batch_size), totals)
     total, weight = (float(x) for x in jax.device_get(totals))
@@ -347,6 +347,9 @@ class Trainer:
     if self.progress is not None:
       self.progress.close()
     self.checkpointer.close()  # waits for the saves in flight
+    if interrupted:  # every process says it, so each host's log shows where the run stopped
+      log.warning("stopped on request after step %d (process %d); checkpoint saved, rerun the same command to "
+                  "resume", step, jax.process_index())
     if writer is not None:
       writer.close()
       metrics_path = fs.join(self.workdir, "metrics.jsonl")
