@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import time
 from typing import Dict, List
@@ -24,8 +25,7 @@ class MetricsWriter:
     self._flush_secs, self._flushed_at = remote_flush_secs, time.monotonic()
     fs.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
     self._file = None if self._remote else open(self.path, "a", encoding="utf-8")
-    summary_writer = _summary_writer_class()
-    self._tb = summary_writer(fs.join(workdir, "tensorboard")) if summary_writer else None
+    self._tb = _tensorboard(fs.join(workdir, "tensorboard"))
 
   def _kept_rows(self, step: int) -> List[Dict]:
     if not fs.exists(self.path):
@@ -56,6 +56,25 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _tensorboard(logdir: str):
+  """A tensorboardX SummaryWriter, or None (with a warning) where it cannot write: the JSONL file is the record."""
+  summary_writer = _summary_writer_class()
+  if summary_writer is None:
+    return None
+  if logdir.startswith("gs://"):
+    try:  # tensorboardX's Cloud Storage writer needs it (and fails untidily without it)
+      import google.cloud.storage  # noqa: F401
+    except ImportError:
+      logging.getLogger("jaxlm.metrics").warning(
+          "no TensorBoard events in %s: install google-cloud-storage (pip install 'jaxlm[gcs]')", logdir)
+      return None
+  try:
+    return summary_writer(logdir)
+  except (ImportError, OSError) as e:  # e.g. gs:// without google-cloud-storage
+    logging.getLogger("jaxlm.metrics").warning("no TensorBoard events in %s: %s", logdir, e)
+    return None
 
 
 def _summary_writer_class():
