@@ -198,33 +198,41 @@ class Trainer:
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
 
     self.run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
-    if saved_meta is not None:
-      _check_same_model(saved_meta["model"], self.model_dict, self.workdir)
-      abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                    nn.unbox(boxed), self.state_sharding)
-      self.state, saved = self.checkpointer.restore(self.start_step, abstract_state)
-      self.run_meta.update({k: saved[k] for k in self.run_meta if k in saved})
-      log.info("resumed from %s at step %d", self.workdir, self.start_step)
-    else:
-      self.start_step = 0
-      self.state = jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
-          jax.random.fold_in(self.base_rng, 1))
+    self.state = self._restore_or_init(saved_meta, boxed)
     if self.primary:
       fs.write_json_atomic(fs.join(self.workdir, "config.json"),
                            {"model": self.model_dict, "config": json.loads(config.to_json_best_effort()),
                             "tokenizer": {"dir": "tokenizer"}})
+    self._compile_steps()
+    self._eval_batches = None  # built on the first evaluation, reused by the later ones
 
+  # ---------------------------------------------------------------------------------------- setup pieces
+  def _restore_or_init(self, saved_meta, boxed) -> TrainState:
+    """The latest checkpoint's state, laid out for this run's mesh (any mesh may have written it), or a fresh one."""
+    if saved_meta is None:
+      self.start_step = 0
+      return jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
+          jax.random.fold_in(self.base_rng, 1))
+    _check_same_model(saved_meta["model"], self.model_dict, self.workdir)
+    abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  nn.unbox(boxed), self.state_sharding)
+    state, saved = self.checkpointer.restore(self.start_step, abstract_state)
+    self.run_meta.update({k: saved[k] for k in self.run_meta if k in saved})
+    log.info("resumed from %s at step %d", self.workdir, self.start_step)
+    return state
+
+  def _compile_steps(self) -> None:
+    """The jitted train and eval steps, with the state's shardings in and out and the state's buffers donated."""
     replicated = sharding.replicated(self.mesh)
     self.step_fn = jax.jit(
-        functools.partial(train_step, module=self.module, optimizer=self.optimizer, grad_accum=config.opt.grad_accum),
+        functools.partial(train_step, module=self.module, optimizer=self.optimizer,
+                          grad_accum=self.config.opt.grad_accum),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     self.eval_fn = jax.jit(functools.partial(eval_step, module=self.module),
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)
-    self._eval_batches = None  # built on the first evaluation, reused by the later ones
 
-  # ---------------------------------------------------------------------------------------- setup pieces
   def _init_state(self, rng):
     dummy = jnp.zeros((1, self.tc.seq_len), jnp.int32)
     params = self.module.init({"params": rng}, dummy)["params"]
