@@ -65,6 +65,8 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.sample_prompt = "\n"
   c.train.sample_temperature = 0.8
   c.train.progress = True               # tqdm progress bar
+  c.train.on_nonfinite = "stop"         # a NaN/Inf loss or gradient: stop (exit 1) | skip (drop that update)
+  c.train.on_unrestorable = "fail"      # no checkpoint restores (all damaged): fail | fresh (start over)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                      # -1: every remaining device

@@ -71,6 +71,14 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a blocking all-gather; just `flag` with one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 class StopVote:
   """All processes agree on the step at which to stop, whichever of them received the signal.
 

@@ -9,10 +9,13 @@ checkpoint.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import sys
+import threading
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -48,6 +51,21 @@ def os_error_line(e: OSError) -> str:
   return f"{' -> '.join(map(str, paths))}: {problem}" if paths else problem
 
 
+# Tensorstore (under Orbax) reports file-system failures as ValueError text: '... "PATH" ... [os_error_code=28]'.
+_OS_CODE = re.compile(r"os_error_code=\W*(\d+)")
+_QUOTED_PATH = re.compile(r'"((?:/|[a-z]+://)[^"]+)"')
+
+
+def _embedded_os_error(e: BaseException) -> Optional[Tuple[str, int]]:
+  """(path, errno) named in the text of a library's error, or None."""
+  text = str(e)
+  code = _OS_CODE.search(text)
+  if code is None:
+    return None
+  paths = _QUOTED_PATH.findall(text[:code.start()])
+  return (paths[-1] if paths else ""), int(code.group(1))
+
+
 def _root_os_error(e: BaseException) -> Optional[OSError]:
   """The OSError behind `e` (libraries wrap them in their own exceptions), or None."""
   seen = set()
@@ -62,23 +80,65 @@ def _root_os_error(e: BaseException) -> Optional[OSError]:
 def describe(e: BaseException) -> str:
   """One line for any exception: file-system problems name the path, the rest say what they say."""
   os_error = _root_os_error(e)
-  if os_error is not None:
+  if os_error is not None and (os_error.filename or os_error is e):
     return os_error_line(os_error)
+  if os_error is not None:  # no path in the OSError: the message that wrapped it says where
+    return f"{_first_line(e)}: {os_error_line(os_error)}"
+  embedded = _embedded_os_error(e)
+  if embedded is not None:
+    path, code = embedded
+    return os_error_line(OSError(code, os.strerror(code), path or None))
+  return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return text[0] if text else type(e).__name__
 
 
 def exit_code(e: BaseException) -> int:
   """2 for bad input, 1 for a failure while running."""
-  if _root_os_error(e) is not None and not isinstance(e, FileNotFoundError):
+  if (_root_os_error(e) is not None and not isinstance(e, FileNotFoundError)) or _embedded_os_error(e):
     return EXIT_FAILURE
   if isinstance(e, (ValueError, FileNotFoundError, KeyError, TypeError)):
     return EXIT_USAGE
   return EXIT_FAILURE
 
 
+class _QuietReports(logging.Filter):
+  """Without --verbose, a failure is reported once, by the command: log records lose their tracebacks and extra
+  lines, libraries' error records and the exceptions background threads print (Orbax's writers print dozens
+  after a disk fills up) are counted instead of shown."""
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = 0
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and not record.name.startswith("jaxlm"):
+      self.hidden += 1
+      return False
+    first = (record.getMessage().strip().splitlines() or [""])[0]
+    record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = first, None, None, None, None
+    return True
+
+  def hide(self, *unused) -> None:
+    self.hidden += 1
+
+  def install(self) -> None:
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(self)
+    sys.excepthook = self.hide  # what C extensions' callbacks print through PyErr_Print
+    threading.excepthook = self.hide
+    sys.unraisablehook = self.hide
+
+
 def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -> int:
   """Runs a command's main; any exception becomes 'error: ...' on stderr and an exit code."""
+  quiet = None
+  if not verbose_requested(argv):
+    quiet = _QuietReports()
+    quiet.install()
   try:
     return main()
   except KeyboardInterrupt:
@@ -87,7 +147,11 @@ def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -
   except SystemExit:
     raise
   except BaseException as e:  # noqa: BLE001: every failure of a command ends the same way
-    if verbose_requested(argv):
+    if quiet is None:
       traceback.print_exc()
     print(f"error: {describe(e)}", file=sys.stderr)
     return exit_code(e)
+  finally:
+    if quiet is not None and quiet.hidden:
+      print(f"({quiet.hidden} error report(s) from libraries and background threads hidden; --verbose or "
+            "JAXLM_VERBOSE=1 shows them)", file=sys.stderr)

@@ -116,6 +116,8 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> None:
   rows = read_metrics(metrics_path)
   train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+  if not train and not evals:
+    return
   fig, ax = plt.subplots(figsize=(7, 4))
   if train:
     ax.plot(*zip(*train), label="train loss")

@@ -17,6 +17,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for a multi-process run outside a detected cluster.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (also: JAXLM_VERBOSE=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,40 +45,41 @@ def unknown_overrides(argv) -> list:
   return problems
 
 
+def _train() -> int:
+  from jaxlm import distributed, errors
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not distributed.is_primary():  # one log for the run: the others speak only of problems
+    logging.getLogger().setLevel(logging.WARNING)
+  from jaxlm import trainer
+  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if distributed.is_primary():
+    status = "interrupted (resume with the same command)" if result.interrupted else (
+        "stopped early" if result.stopped_early else "finished")
+    print(f"{status} at step {result.step}: last train loss {result.last_loss:.4f}, "
+          f"best validation loss {result.best_eval_loss:.4f}", flush=True)
+  return errors.EXIT_INTERRUPTED if result.interrupted else errors.EXIT_OK
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from jaxlm import distributed
-  try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if not distributed.is_primary():  # one log for the run: the others speak only of problems
-    logging.getLogger().setLevel(logging.WARNING)
-  from jaxlm import trainer
-  try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    logging.getLogger("jaxlm.train").debug("details", exc_info=True)
-    sys.exit(f"error: {e}")
-  if not distributed.is_primary():
-    return
-  status = "interrupted (resume with the same command)" if result.interrupted else (
-      "stopped early" if result.stopped_early else "finished")
-  print(f"{status} at step {result.step}: last train loss {result.last_loss:.4f}, "
-        f"best validation loss {result.best_eval_loss:.4f}", flush=True)
+  from jaxlm import errors
+  sys.exit(errors.run_command(_train))
 
 
 def run():
+  from jaxlm import errors
   try:
     bad = unknown_overrides(sys.argv[1:])
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_USAGE)
   if bad:
-    sys.exit("error: unknown config field(s): " + "; ".join(bad))
+    print("error: unknown config field(s): " + "; ".join(bad), file=sys.stderr)
+    sys.exit(errors.EXIT_USAGE)
   app.run(main)
 
 

@@ -21,78 +21,22 @@ import tempfile
 import time
 from typing import Any, Dict, Optional, Tuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+
+from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import distributed, fs, optim, sharding
+from jaxlm import checksum, distributed, fs, optim, sharding
+from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
+from jaxlm.steps import TrainState, eval_step, train_step
 
 log = logging.getLogger("jaxlm.train")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-# ------------------------------------------------------------------------------------------ pure steps
-def _loss_sums(params, batch, rng, module, deterministic=False):
-  """Every architecture's `loss` method returns (objective sum, weight sum, {metric name: sum})."""
-  return module.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng},
-                      method="loss")
-
-
-def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Array, *, module, optimizer,
-               grad_accum: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step on a global batch, split into `grad_accum` microbatches scanned in sequence.
-
-  The gradient is d(sum of token losses)/d(params) / (number of weighted tokens), exactly the gradient of the
-  mean loss over the whole batch, whatever the split.
-  """
-  rng = jax.random.fold_in(base_rng, state.step)
-
-  def objective(params, mb, mb_rng):
-    total, weight, sums = _loss_sums(params, mb, mb_rng, module)
-    return total, (weight, sums)
-
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
-
-  if grad_accum == 1:
-    (total, (weight, sums)), grads = grad_fn(state.params, batch, rng)
-  else:
-    micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
-
-    def micro_step(acc, xs):
-      mb, i = xs
-      out, grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, acc, (out, grads)), None
-
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
-    ((total, (weight, sums)), grads), _ = jax.lax.scan(micro_step, zeros, (micro_batches, jnp.arange(grad_accum)))
-  weight = jnp.maximum(weight, 1.0)
-  grads = jax.tree.map(lambda g: g / weight, grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": total / weight, "grad_norm": optax.tree.norm(grads),
-             **{k: v / weight for k, v in sums.items()}}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(params, batch, totals, *, module) -> jax.Array:
-  """`totals` + [sum of token cross-entropies, sum of weights] of one batch: an evaluation sums on the
-  devices and reads the result once."""
-  _, weight, sums = _loss_sums(params, batch, jax.random.key(0), module, deterministic=True)
-  return totals + jnp.stack([sums["xent"], weight])
 
 
 # ------------------------------------------------------------------------------------------ setup helpers
@@ -140,6 +84,14 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+class CheckpointWriteFailed(RuntimeError):
+  """A checkpoint could not be written (full disk, permissions, ...); the previous ones are intact."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss, a gradient or the validation loss became NaN/Inf and train.on_nonfinite is 'stop'."""
+
+
 @dataclasses.dataclass
 class TrainResult:
   step: int
@@ -160,7 +112,21 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.lock = None
+    self.checkpointer = None
+    try:
+      self._setup(config, workdir)
+    except BaseException:
+      self.close()
+      raise
+
+  def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
+    try:  # TODO(reliability): validate lands with its own change
+      from jaxlm import validate
+      validate.check_config(config)
+    except ImportError:
+      pass
     self.config, self.tc = config, config.train
     tc = self.tc
     self.run_start = time.perf_counter()
@@ -173,22 +139,11 @@ class Trainer:
     self.eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
     sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
     self.batch_sh = sharding.batch_sharding(self.mesh)
-    if self.primary:
-      fs.makedirs(self.workdir)
+    self._take_workdir()
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
-    self.start_step = self.checkpointer.latest_step()
-    saved_meta = self.checkpointer.read_meta(self.start_step) if self.start_step is not None else None
-    # One global batch per step; older checkpoints (Grain iterator state) have no data_position.
-    self.data_position = int(saved_meta.get("data_position", self.start_step)) if saved_meta else 0
-
     tokenizer = self._shared_tokenizer(data_lib)
-    self.data = data_lib.build_data(
-        config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
-        eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
-        eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
-
-    model_dict = _model_dict(config, self.data.vocab_size)
+    model_dict = _model_dict(config, int(config.data.get("vocab_size", 0)) or tokenizer.vocab_size)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
     self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps)
@@ -198,28 +153,99 @@ class Trainer:
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
 
     self.run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
-    self.state = self._restore_or_init(saved_meta, boxed)
+    self.state, saved_meta = self._restore_or_init(boxed)
+    # One global batch per step; older checkpoints (Grain iterator state) have no data_position.
+    self.data_position = int(saved_meta.get("data_position", self.start_step)) if saved_meta else 0
+    self.data = data_lib.build_data(
+        config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
+        eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
+        eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
     if self.primary:
       fs.write_json_atomic(fs.join(self.workdir, "config.json"),
                            {"model": self.model_dict, "config": json.loads(config.to_json_best_effort()),
                             "tokenizer": {"dir": "tokenizer"}})
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
+    self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
-  def _restore_or_init(self, saved_meta, boxed) -> TrainState:
-    """The latest checkpoint's state, laid out for this run's mesh (any mesh may have written it), or a fresh one."""
-    if saved_meta is None:
-      self.start_step = 0
-      return jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
-          jax.random.fold_in(self.base_rng, 1))
-    _check_same_model(saved_meta["model"], self.model_dict, self.workdir)
+  def _take_workdir(self) -> None:
+    """Creates the workdir and takes its lock (the primary; the others learn whether it succeeded)."""
+    problem = None
+    if self.primary:
+      try:
+        if fs.exists(self.workdir) and not epath.Path(self.workdir).is_dir():
+          raise ValueError(f"--workdir {self.workdir} is a file, not a directory")
+        fs.makedirs(self.workdir)
+        self.lock = lock_lib.WorkdirLock(self.workdir)
+        self.lock.acquire()
+      except (OSError, ValueError, lock_lib.WorkdirLocked) as e:
+        problem = e
+    if distributed.any_process(problem is not None):
+      raise problem if problem is not None else lock_lib.WorkdirLocked(
+          f"process 0 could not take the workdir {self.workdir} (see its log)")
+
+  def _restore_or_init(self, boxed) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """(state, saved metadata) of the newest checkpoint that restores and verifies, laid out for this run's mesh
+    (any mesh may have written it); or a fresh state and None. Damaged checkpoints are reported, skipped and,
+    once an older one restores, moved to workdir/corrupt/."""
     abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   nn.unbox(boxed), self.state_sharding)
-    state, saved = self.checkpointer.restore(self.start_step, abstract_state)
-    self.run_meta.update({k: saved[k] for k in self.run_meta if k in saved})
-    log.info("resumed from %s at step %d", self.workdir, self.start_step)
-    return state
+    damaged = []
+    for step in self.checkpointer.steps_newest_first():
+      try:
+        meta = self.checkpointer.read_meta(step)
+        _check_same_model(meta["model"], self.model_dict, self.workdir)
+        self._check_same_state_layout(meta, abstract_state)
+        state, saved = self.checkpointer.restore(step, abstract_state)
+        failure = None
+      except ckpt_lib.CheckpointUnusable as e:
+        failure = e
+      if distributed.any_process(failure is not None):
+        damaged.append(step)
+        log.error("%s; trying the previous checkpoint", failure or f"checkpoint {step} fails on another process")
+        continue
+      for bad in damaged:
+        log.warning("moved the damaged checkpoint %s to %s", bad, self.checkpointer.quarantine(bad))
+      self.start_step = step
+      self.run_meta.update({k: saved[k] for k in self.run_meta if k in saved})
+      log.info("resumed from %s at step %d", self.workdir, step)
+      return state, saved
+    if damaged and self.tc.on_unrestorable != "fresh":
+      raise ckpt_lib.CheckpointUnusable(
+          f"no checkpoint in {fs.join(self.workdir, 'checkpoints')} restores (steps {damaged} are damaged, see "
+          "above); rerun with --config.train.on_unrestorable=fresh to start over in this workdir")
+    for bad in damaged:
+      log.warning("starting over: moved the damaged checkpoint %s to %s", bad, self.checkpointer.quarantine(bad))
+    self.start_step = 0
+    state = jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
+        jax.random.fold_in(self.base_rng, 1))
+    return state, None
+
+  def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
+    """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
+    is refused naming the config fields that make the difference, not restored into a mismatched tree."""
+    recorded = set(meta.get("checksums") or ())
+    current = set(checksum.leaf_names(abstract_state))
+    if not recorded or recorded == current:
+      return
+    saved_opt = meta.get("opt") or {}
+    now_opt = self.config.opt.to_dict()
+    changed = sorted(k for k in now_opt if k in saved_opt and saved_opt[k] != now_opt[k])
+
+    def opt_leaves(opt_values):
+      optimizer, _ = optim.make_optimizer(ml_collections.ConfigDict(opt_values), self.tc.steps)
+      return checksum.leaf_names(jax.eval_shape(optimizer.init, abstract_state.params))
+
+    saved_leaves = opt_leaves(saved_opt) if saved_opt else None
+    culprits = [k for k in changed if opt_leaves({**saved_opt, k: now_opt[k]}) != saved_leaves]
+    if culprits:
+      what = ", ".join(f"opt.{k}: checkpoint {saved_opt[k]!r} vs config {now_opt[k]!r}" for k in culprits)
+    else:
+      diff = sorted(recorded ^ current)
+      what = f"{len(diff)} arrays differ, e.g. {diff[0]}"
+    raise ValueError(f"workdir {self.workdir!r} holds a train state with different arrays ({what}); resume with "
+                     "the checkpoint's settings or use a new --workdir")
 
   def _compile_steps(self) -> None:
     """The jitted train and eval steps, with the state's shardings in and out and the state's buffers donated."""
@@ -276,14 +302,76 @@ class Trainer:
     return total / max(weight, 1.0)
 
   def _meta(self, step: int) -> Dict[str, Any]:
-    return {"step": step, "model": self.model_dict, "data_position": self.data_position, **self.run_meta}
+    return {"step": step, "model": self.model_dict, "data_position": self.data_position,
+            "opt": self.config.opt.to_dict(), **self.run_meta}
 
   def save(self, step: int) -> None:
-    self.checkpointer.save(step, self.state, self._meta(step))
+    self._check_nonfinite()
+    try:  # also reports a failure of the previous, asynchronous save
+      self.checkpointer.save(step, self.state, self._meta(step))
+    except (ckpt_lib.NonFiniteState, KeyboardInterrupt):
+      raise
+    except Exception as e:  # noqa: BLE001: Orbax and tensorstore raise many kinds
+      raise CheckpointWriteFailed(f"saving checkpoint {step} in {self.workdir} failed") from e
 
   def _log(self, text: str) -> None:
     if self.primary:
       _log_line(self.progress, text)
+
+  def _check_nonfinite(self) -> int:
+    """Reads the non-finite flags of the steps since the last check (their updates were already dropped on the
+    device) and applies train.on_nonfinite: 'stop' raises, 'skip' reports. Returns how many steps were bad."""
+    if not self._unchecked_flags:
+      return 0
+    flags = [(step, int(flag)) for step, flag in self._unchecked_flags]  # one device sync
+    self._unchecked_flags = []
+    bad = [step for step, flag in flags if flag]
+    if not bad:
+      return 0
+    self.run_meta["skipped_updates"] = self.run_meta.get("skipped_updates", 0) + len(bad)
+    if self.tc.on_nonfinite == "stop":
+      raise NonFiniteLoss(f"the loss or gradient was NaN/Inf at step {bad[0]}" +
+                          (f" and {len(bad) - 1} later step(s)" if len(bad) > 1 else "") +
+                          "; those updates were dropped and nothing after them was saved (the last checkpoint is "
+                          "intact). Lower opt.lr, keep opt.clip_norm > 0, check the data, or set "
+                          "train.on_nonfinite=skip to train on")
+    self._log(f"warning: skipped {len(bad)} update(s) with a NaN/Inf loss or gradient (steps {bad[:5]}"
+              f"{'...' if len(bad) > 5 else ''})")
+    return len(bad)
+
+  def _train_row(self, step: int, window_losses, window_steps: int, elapsed: float, step_metrics) -> Dict[str, Any]:
+    losses = [float(x) for x in window_losses]  # one device sync per log interval
+    skipped = self._check_nonfinite()
+    finite = [l for l in losses if math.isfinite(l)]
+    row = {"step": step, "loss": float(np.mean(finite)) if finite else float("nan"),
+           "tokens_per_sec": window_steps * self.tc.batch_size * self.tc.seq_len / elapsed,
+           "lr": float(self.schedule(step - 1)), "elapsed_s": time.perf_counter() - self.run_start,
+           **{k: float(v) for k, v in step_metrics.items() if k not in ("loss", "nonfinite")}}
+    if skipped:
+      row["skipped_updates"] = skipped
+    return row
+
+  def _evaluate_and_track(self, step: int, writer) -> bool:
+    """Evaluates, records, saves the best parameters; returns whether early stopping says stop."""
+    self._check_nonfinite()
+    eval_loss = self.evaluate(self.state.params)
+    if not math.isfinite(eval_loss) and self.tc.on_nonfinite == "stop":
+      raise NonFiniteLoss(f"the validation loss is {eval_loss} at step {step} (the parameters are finite); nothing "
+                          "after the last checkpoint was saved. Lower opt.lr, or set train.on_nonfinite=skip")
+    if writer is not None:
+      writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+                    "elapsed_s": time.perf_counter() - self.run_start})
+    self.run_meta["eval_history"].append([step, eval_loss])
+    self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
+    if eval_loss < self.run_meta["best_eval_loss"]:  # never true for NaN
+      self.run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
+      self.checkpointer.save_best(step, self.state.params, self._meta(step))
+      return False
+    self.run_meta["bad_evals"] += 1
+    if self.tc.patience and self.run_meta["bad_evals"] >= self.tc.patience:
+      self._log(f"early stopping: no improvement in {self.tc.patience} evaluations")
+      return True
+    return False
 
   def run(self, stop_after_steps: Optional[int] = None) -> TrainResult:
     """Trains to `train.steps` (or early stopping, or a stop request). `stop_after_steps` stops (saving) after
@@ -293,76 +381,58 @@ class Trainer:
              self.model_dict.get("family") or self.model_dict["arch"], f"{self.n_params:,}", dict(self.mesh.shape),
              jax.process_count(), self.data.train_tokens, self.data.val_tokens, self.model_dict["vocab_size"])
     writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.start_step) if self.primary else None
-    tokens_per_step = tc.batch_size * tc.seq_len
     end_step = tc.steps if stop_after_steps is None else min(tc.steps, self.start_step + stop_after_steps)
     self.progress = _progress_bar(tc, self.start_step) if self.primary else None
     step, last_loss, stopped_early, interrupted = self.start_step, float("nan"), False, False
     window_start, window_steps, window_losses = time.perf_counter(), 0, []
     vote = distributed.StopVote()
 
-    with _StopRequest() as stop:
-      while step < end_step:
-        batch = self._global(next(self.data.train_iter), tc.batch_size)
-        self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
-        step += 1
-        self.data_position += 1
-        window_steps += 1
-        window_losses.append(step_metrics["loss"])
-        if self.progress is not None:
-          self.progress.update(1)
-        interrupted = vote.vote(stop.requested)  # the same answer, at the same step, on every process
-
-        if step % tc.log_every == 0 or step == end_step:
-          losses = [float(x) for x in window_losses]  # one device sync per log interval
-          elapsed = time.perf_counter() - window_start
-          last_loss = losses[-1]
-          if not all(map(math.isfinite, losses)):
-            raise FloatingPointError(f"training loss became {losses[-1]} at step {step}; lower opt.lr or check data")
-          row = {"step": step, "loss": float(np.mean(losses)),
-                 "tokens_per_sec": window_steps * tokens_per_step / elapsed,
-                 "lr": float(self.schedule(step - 1)), "elapsed_s": time.perf_counter() - self.run_start,
-                 **{k: float(v) for k, v in step_metrics.items() if k != "loss"}}
-          if writer is not None:
-            writer.write(row)
+    try:
+      with _StopRequest() as stop:
+        while step < end_step:
+          batch = self._global(next(self.data.train_iter), tc.batch_size)
+          self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
+          step += 1
+          self.data_position += 1
+          window_steps += 1
+          window_losses.append(step_metrics["loss"])
+          self._unchecked_flags.append((step, step_metrics["nonfinite"]))
           if self.progress is not None:
-            self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
-          elif self.primary:
-            log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
-          window_start, window_steps, window_losses = time.perf_counter(), 0, []
+            self.progress.update(1)
+          interrupted = vote.vote(stop.requested)  # the same answer, at the same step, on every process
 
-        if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-          eval_loss = self.evaluate(self.state.params)
-          if writer is not None:
-            writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
-                          "elapsed_s": time.perf_counter() - self.run_start})
-          self.run_meta["eval_history"].append([step, eval_loss])
-          self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
-          if eval_loss < self.run_meta["best_eval_loss"]:
-            self.run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
-            self.checkpointer.save_best(step, self.state.params, self._meta(step))
-          else:
-            self.run_meta["bad_evals"] += 1
-            if tc.patience and self.run_meta["bad_evals"] >= tc.patience:
-              self._log(f"early stopping: no improvement in {tc.patience} evaluations")
-              stopped_early = True
-          window_start = time.perf_counter()  # evaluation time is not training throughput
+          if step % tc.log_every == 0 or step == end_step:
+            row = self._train_row(step, window_losses, window_steps, time.perf_counter() - window_start,
+                                  step_metrics)
+            last_loss = float(window_losses[-1])
+            if writer is not None:
+              writer.write(row)
+            if self.progress is not None:
+              self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+            elif self.primary:
+              log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
+            window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
-        if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
-          self.save(step)
-        if stopped_early or interrupted:
-          break
+          if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            stopped_early = self._evaluate_and_track(step, writer)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
 
-    if self.progress is not None:
-      self.progress.close()
-    self.checkpointer.close()  # waits for the saves in flight
+          if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
+            self.save(step)
+          if stopped_early or interrupted:
+            break
+    finally:
+      if self.progress is not None:
+        self.progress.close()
+      self.close()  # waits for the saves in flight, releases the workdir
+      if writer is not None:
+        writer.close()
+        metrics_path = fs.join(self.workdir, "metrics.jsonl")
+        if fs.exists(metrics_path):
+          metrics_lib.plot_loss_curve(metrics_path, fs.join(self.workdir, "loss_curve.png"))
     if interrupted:  # every process says it, so each host's log shows where the run stopped
       log.warning("stopped on request after step %d (process %d); checkpoint saved, rerun the same command to "
                   "resume", step, jax.process_index())
-    if writer is not None:
-      writer.close()
-      metrics_path = fs.join(self.workdir, "metrics.jsonl")
-      if fs.exists(metrics_path):
-        metrics_lib.plot_loss_curve(metrics_path, fs.join(self.workdir, "loss_curve.png"))
 
     sample = None
     finished = step >= tc.steps or stopped_early
@@ -371,6 +441,21 @@ class Trainer:
     return TrainResult(step=step, last_loss=last_loss, best_eval_loss=self.run_meta["best_eval_loss"],
                        eval_history=self.run_meta["eval_history"], stopped_early=stopped_early,
                        interrupted=interrupted, sample=sample)
+
+  def close(self) -> None:
+    """Finishes the checkpoint writes in flight and releases the workdir (also when a write fails); safe to call
+    twice."""
+    checkpointer, self.checkpointer = self.checkpointer, None
+    try:
+      if checkpointer is not None:
+        try:
+          checkpointer.close()
+        except Exception as e:  # noqa: BLE001
+          raise CheckpointWriteFailed(f"finishing the checkpoint writes in {self.workdir} failed") from e
+    finally:
+      if self.lock is not None:
+        self.lock.release()
+        self.lock = None
 
   def _sample(self) -> Optional[str]:
     """A short generation from the final parameters, printed by the primary."""

@@ -42,16 +42,16 @@ def start(cmds, env, cwd=ROOT):
           for cmd in cmds]
 
 
-def finish(procs, timeout: float = 600) -> list:
-  """Waits for every process; if one fails or time runs out, kills the others (they would wait for it at the
-  next collective forever) and raises with the outputs."""
+def finish(procs, timeout: float = 600, expect_rc: int = 0) -> list:
+  """Waits for every process; if one exits with another code than `expect_rc` or time runs out, kills the
+  others (they would wait for it at the next collective) and raises with the outputs."""
   deadline = time.time() + timeout
   outputs = [None] * len(procs)
   while any(o is None for o in outputs):
     for i, p in enumerate(procs):
       if outputs[i] is None and p.poll() is not None:
         outputs[i] = p.stdout.read()
-        if p.returncode != 0:
+        if p.returncode != expect_rc:
           for q in procs:
             q.kill()
           raise AssertionError(f"process {i} exited with {p.returncode}:\n{outputs[i][-4000:]}")

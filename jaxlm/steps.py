@@ -1,0 +1,74 @@
+"""The pure, jitted pieces of training: the train state, one optimizer step and one evaluation batch."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------ pure steps
+def _loss_sums(params, batch, rng, module, deterministic=False):
+  """Every architecture's `loss` method returns (objective sum, weight sum, {metric name: sum})."""
+  return module.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng},
+                      method="loss")
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Array, *, module, optimizer,
+               grad_accum: int) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step on a global batch, split into `grad_accum` microbatches scanned in sequence.
+
+  The gradient is d(sum of token losses)/d(params) / (number of weighted tokens), exactly the gradient of the
+  mean loss over the whole batch, whatever the split.
+  """
+  rng = jax.random.fold_in(base_rng, state.step)
+
+  def objective(params, mb, mb_rng):
+    total, weight, sums = _loss_sums(params, mb, mb_rng, module)
+    return total, (weight, sums)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  if grad_accum == 1:
+    (total, (weight, sums)), grads = grad_fn(state.params, batch, rng)
+  else:
+    micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+    def micro_step(acc, xs):
+      mb, i = xs
+      out, grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, acc, (out, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
+    ((total, (weight, sums)), grads), _ = jax.lax.scan(micro_step, zeros, (micro_batches, jnp.arange(grad_accum)))
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite loss or gradient never reaches the state: the update is dropped here, on the device, and the
+  # host learns of it from metrics["nonfinite"] when it next reads the metrics (train.on_nonfinite decides).
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep_if_bad, params, state.params)
+  opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+  metrics = {"loss": total / weight, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32),
+             **{k: v / weight for k, v in sums.items()}}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, totals, *, module) -> jax.Array:
+  """`totals` + [sum of token cross-entropies, sum of weights] of one batch: an evaluation sums on the
+  devices and reads the result once."""
+  _, weight, sums = _loss_sums(params, batch, jax.random.key(0), module, deterministic=True)
+  return totals + jnp.stack([sums["xent"], weight])
