@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from bench import chaos  # the ways to damage a checkpoint, shared with bench/chaos.py
 from jaxlm import checkpoint, lock, trainer
 from jaxlm.metrics import read_metrics
 from tests.test_train import ROOT, TINY, losses, small_config
@@ -116,49 +117,13 @@ def two_checkpoints(tmp_path_factory):
   return root / "half", losses(root / "full")
 
 
-def _array_file(step_dir):
-  return max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def _truncate(step_dir):
-  path = _array_file(step_dir)
-  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip_two_bytes(step_dir):
-  path = _array_file(step_dir)
-  data = bytearray(path.read_bytes())
-  for i in (len(data) // 3, len(data) // 2):
-    data[i] ^= 0xFF
-  path.write_bytes(bytes(data))
-
-
-def _edit_recorded_checksum(step_dir):
-  """The arrays stay readable but differ from what the metadata says was written: only the checksum can tell."""
-  path = step_dir / "meta" / "metadata"
-  meta = json.loads(path.read_text())
-  name = next(k for k in meta["checksums"] if k.startswith("params/"))
-  meta["checksums"][name] = [meta["checksums"][name][0] + 1, meta["checksums"][name][1]]
-  path.write_text(json.dumps(meta))
-
-
-DAMAGE = {
-    "truncated array file": _truncate,
-    "two flipped bytes": _flip_two_bytes,
-    "state/ deleted": lambda d: shutil.rmtree(d / "state"),
-    "manifest.ocdbt deleted": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
-    "garbage metadata": lambda d: (d / "meta" / "metadata").write_text("{not json"),
-    "checksum mismatch": _edit_recorded_checksum,
-}
-
-
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage", sorted(chaos.DAMAGE))
 def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(two_checkpoints, tmp_path, damage,
                                                                             caplog):
   half, reference = two_checkpoints
   workdir = tmp_path / "run"
   shutil.copytree(half, workdir)
-  DAMAGE[damage](workdir / "checkpoints" / "8")
+  chaos.DAMAGE[damage](workdir / "checkpoints" / "8")
   with caplog.at_level(logging.ERROR, logger="jaxlm.train"):
     result = trainer.train_and_evaluate(small_config(steps=12, **FAST), str(workdir))
   assert result.step == 12
@@ -174,7 +139,7 @@ def test_no_restorable_checkpoint_is_an_error_unless_a_fresh_start_is_asked_for(
   workdir = tmp_path / "run"
   shutil.copytree(half, workdir)
   for step in ("4", "8"):
-    _truncate(workdir / "checkpoints" / step)
+    chaos.truncate_array_file(workdir / "checkpoints" / step)
   with pytest.raises(checkpoint.CheckpointUnusable, match=r"no checkpoint .* restores \(steps \[8, 4\].*"
                                                           r"on_unrestorable=fresh"):
     trainer.train_and_evaluate(small_config(steps=12, **FAST), str(workdir))
@@ -189,7 +154,7 @@ def test_damaged_best_parameters_are_refused_for_inference(two_checkpoints, tmp_
   half, _ = two_checkpoints
   workdir = tmp_path / "run"
   shutil.copytree(half, workdir)
-  _edit_recorded_checksum(workdir / "checkpoints" / "8")
+  chaos.wrong_checksum(workdir / "checkpoints" / "8")
   with pytest.raises(checkpoint.CheckpointUnusable, match="differ from what was written"):
     checkpoint.restore_for_inference(str(workdir))
 
