@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Optional, Tuple
 
 from flax import traverse_util
 
+from convert import differences as diff
 from convert import family as fam
-from convert import torchfile
+from convert import output, torchfile
 from convert.errors import ConversionError
 from jaxlm import modeldir
 
@@ -61,8 +63,9 @@ def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optiona
   imported.source["file"] = os.path.abspath(src)
   params = traverse_util.unflatten_dict(imported.params, sep="/")
   try:
-    return modeldir.save_model_dir(out, imported.model, params, imported.tokenizer, imported.source,
-                                   overwrite=overwrite)
+    with output.writing(out):
+      return modeldir.save_model_dir(out, imported.model, params, imported.tokenizer, imported.source,
+                                     overwrite=overwrite)
   except ValueError as e:  # a parameter tree that does not fit the model: a converter bug or bad sizes
     raise ConversionError(f"{src}: {e}") from None
 
@@ -88,37 +91,74 @@ def _tokenizer_json(tokenizer_dir: Optional[str]) -> dict:
     return json.load(f)
 
 
-def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "latest",
-              options: Optional[argparse.Namespace] = None, overwrite: bool = False, **kwargs) -> str:
-  """Writes a jaxlm model (model directory or training workdir) in an original format; returns the path."""
-  options = _options(options, **kwargs)
+def _loaded_model(src: str, which: str):
   try:
-    loaded = modeldir.load(src, which)
+    return modeldir.load(src, which)
   except (FileNotFoundError, ValueError) as e:
     raise ConversionError(str(e)) from None
+
+
+def _target(src: str, loaded, family: Optional[str]) -> fam.Family:
   name = family or loaded.source.get("family") or loaded.model_dict.get("family")
   if not name:
     raise ConversionError(f"{src}: the model does not say which original format it came from; pass --family, "
                           f"one of {sorted(fam.FAMILIES)}")
-  chosen = fam.get(name)
+  return fam.get(name)
+
+
+def _export_path(out: str, chosen: fam.Family, model, source) -> str:
+  """--out, or for a single-file format given a directory (existing, or --out ending in a separator), the
+  original's own file name inside it."""
+  if chosen.writes_directory or not output.names_directory(out):
+    return os.path.abspath(out)
+  return os.path.abspath(os.path.join(out, chosen.filename(model, source)))
+
+
+def _files_beside(out: str, chosen: fam.Family, sidecars, record: str, note: Optional[bytes]):
+  """{path: bytes, or None to remove an old file} written next to --out: the files the original reads beside its
+  checkpoint and, for a single-file format, the differences record (None: a stale one of an earlier export goes)."""
+  beside = {os.path.join(os.path.dirname(out), name): data for name, data in sidecars.items()}
+  if not chosen.writes_directory:
+    beside[record] = note
+  return beside
+
+
+def _refuse_different_computation(src: str, chosen: fam.Family, differences, record: str, allow: bool) -> None:
+  if differences and not allow:
+    raise ConversionError(diff.refusal(src, chosen.title, differences, record))
+
+
+def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "latest",
+              options: Optional[argparse.Namespace] = None, overwrite: bool = False,
+              allow_different_computation: bool = False, **kwargs) -> str:
+  """Writes a jaxlm model (model directory or training workdir) in an original format; returns the path.
+
+  Refuses (ConversionError) a model the original code would compute differently, unless
+  allow_different_computation: then the file is written with a record of the differences beside it."""
+  options = _options(options, **kwargs)
+  loaded = _loaded_model(src, which)
+  chosen = _target(src, loaded, family)
   model = _resolved_model(loaded.model_dict)
   params = traverse_util.flatten_dict(loaded.params, sep="/")
   source = loaded.source if loaded.source.get("family") == chosen.name else {}
   tokenizer = _tokenizer_json(loaded.tokenizer_dir)
-  if os.path.isdir(out) and not chosen.writes_directory:
-    out = os.path.join(out, chosen.filename(model, source))
-  sidecars = {os.path.join(os.path.dirname(os.path.abspath(out)), name): data
-              for name, data in chosen.sidecars(model, source, tokenizer).items()}
-  clash = [p for p in sidecars if os.path.lexists(p) and not overwrite]
-  if clash:
-    raise ConversionError(f"{clash[0]} already exists (pass --overwrite to replace it)")
-  try:
-    with modeldir.staged_output(out, is_dir=chosen.writes_directory, overwrite=overwrite) as tmp:
+  out = _export_path(out, chosen, model, source)
+  chosen.check(model, params)
+  differences = chosen.differences(model)
+  record = diff.record_path(out, chosen.writes_directory)
+  _refuse_different_computation(src, chosen, differences, record, allow_different_computation)
+
+  note = diff.record(chosen.name, chosen.title, src, out, differences) if differences else None
+  beside = _files_beside(out, chosen, chosen.sidecars(model, source, tokenizer), record, note)
+  replace = overwrite or (chosen.writes_directory and output.is_empty_directory(out))
+  output.refuse_existing([out], replace)
+  output.refuse_existing(beside, overwrite)
+  with output.writing(out):
+    with modeldir.staged_output(out, is_dir=chosen.writes_directory, overwrite=replace) as tmp:
       chosen.write(model, params, source, tokenizer, tmp, options)
-  except FileExistsError as e:
-    raise ConversionError(str(e)) from None
-  for path, data in sidecars.items():
-    with open(f"{path}.tmp", "wb") as f:
-      f.write(data)
-    os.replace(f"{path}.tmp", path)
-  return os.path.abspath(out)
+      if note and chosen.writes_directory:  # inside the staged folder, which then moves into place
+        output.place({os.path.join(tmp, diff.IN_FOLDER): note}, os.path.dirname(tmp))
+      output.place(beside, os.path.dirname(tmp))
+  if differences:
+    print(diff.warning(chosen.title, differences, record), file=sys.stderr)
+  return out

@@ -14,7 +14,7 @@ import collections
 import datetime
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
@@ -24,8 +24,13 @@ from convert.errors import ConversionError
 
 TOKENIZER_JSON = "continual_tokenizer.json"
 SPECIALS = ("<PAD>", "<UNK>", "<BOS>", "<EOS>")
-# What the original hard-codes (the weights load anyway; the computation would differ).
-ORIGINAL_BEHAVIOUR = {"causal": False, "q_head_pool": "mean", "act_batch_halt": True, "norm_eps": 1e-5}
+# What the original computes with the weights: bidirectional attention, a Q-head on the sequence mean, a batch that
+# halts only when every row wants to, RMSNorm eps 1e-5. Not compared: rope_theta (the saved rope.inv_freq buffer
+# carries it), init_state (either way z0_L/z0_H are saved as buffers), mlp_rounding and mlp_multiple (they only set
+# the MLP width, which check() compares), n_cycles and t_steps (not stored: the original's chat picks N and T per
+# reasoning mode at run time), train_mode, q_learning, loss_fn, grad_mode and halt_exploration_prob (training only).
+ORIGINAL_COMPUTATION = {"causal": False, "q_head_pool": "mean", "act_batch_halt": True, "norm_eps": 1e-5}
+HALTING_FLAGS = ("q_head_pool", "act_batch_halt")
 CONFIG_KEYS = ("vocab_size", "hidden_size", "num_heads", "L_layers", "H_layers", "expansion", "halt_max_steps",
                "halt_exploration_prob", "forward_dtype")
 CLASS_DEFAULTS = {"expansion": 4.0, "halt_max_steps": 16, "halt_exploration_prob": 0.1}  # HierarchicalReasoningModel
@@ -65,11 +70,7 @@ def _read_tokenizer(src: str, obj: Mapping[str, Any], v: int):
   """(token list, tokenizer json extras, note) from continual_tokenizer.json beside src, else the checkpoint."""
   path = os.path.join(os.path.dirname(os.path.abspath(src)), TOKENIZER_JSON)
   if os.path.isfile(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ConversionError(f"{path}: cannot read the tokenizer ({e})") from None
+    data = fam.read_json(path, "the tokenizer")
     if not isinstance(data, dict) or "vocab" not in data:
       raise ConversionError(f"{path}: expected {{level, vocab, vocab_size}}, found keys "
                             f"{list(data) if isinstance(data, dict) else type(data).__name__}")
@@ -138,6 +139,8 @@ def _n_params(n_l: int, n_h: int) -> int:
 # ------------------------------------------------------------------------------------------ family
 class HRM(fam.Family):
   name = "hrm"
+  title = "HRM"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "HRM text model hrm_continual_learning.pt (+ continual_tokenizer.json beside it)"
   default_filename = "hrm_continual_learning.pt"
 
@@ -224,13 +227,22 @@ class HRM(fam.Family):
     payload = {"level": level, "vocab": {t: i for i, t in enumerate(tokens)}, "vocab_size": len(tokens)}
     return {TOKENIZER_JSON: json.dumps(payload).encode("utf-8")}
 
-  def write(self, model, params, source, tokenizer, out, options):
-    fam.require(model, {"norm_position": "post"}, "HRM")  # no module-final norms in the format
+  def check(self, model, params):
+    fam.require(model, {"arch": "hrm", "norm_position": "post"}, self.title)  # no module-final norms in the format
     width = _int_width(model["expansion"], model["d_model"])
     if width != _ff_width(params):
       raise ConversionError(f"the model's MLP width {_ff_width(params)} is not the {width} the original builds from "
                             f"model.expansion={model['expansion']} and hidden size {model['d_model']}")
-    fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "HRM")
+
+  def computation_flags(self, model):
+    """With one ACT segment (halt_max_steps 1) nothing halts: the halting flags leave the logits alone."""
+    values = super().computation_flags(model)
+    if model.get("halt_max_steps") == 1:
+      for flag in HALTING_FLAGS:
+        values.pop(flag)
+    return values
+
+  def write(self, model, params, source, tokenizer, out, options):
     d, n_l, n_h = model["d_model"], model["l_layers"], model["h_layers"]
     hd = d // model["n_heads"]
     items = [("z0_L", params["init_L"].reshape(1, 1, d)), ("z0_H", params["init_H"].reshape(1, 1, d)),

@@ -38,9 +38,11 @@ SCRIPT_CONFIG = {"block_size": 2048, "dropout": 0.1, "halt_max_steps": 8, "ponde
                  "halt_bias_init": -2.2, "use_rotary_embeddings": True, "rotary_embedding_base": 10000,
                  "use_flash_attention": True, "gradient_checkpointing": True}
 TRANSFORMERS_VERSION = "4.55.2"  # the release the reference fixture was saved with
-# Values the original code hard-codes: an export warns when the jaxlm model differs (outputs would differ).
-ORIGINAL_BEHAVIOUR = {"norm_eps": 1e-6, "halt_eps": 1e-6}
-# Flags whose jaxlm default leaves the exported model's logits alone (without padding): a note, not a warning.
+# Values the original code hard-codes: an export is refused when the jaxlm model differs (outputs would differ).
+# rope_theta is not listed (the saved inv_freq buffers and config.json carry it); dropout and remat are training only.
+ORIGINAL_COMPUTATION = {"norm_eps": 1e-6, "halt_eps": 1e-6}
+# Flags whose jaxlm default leaves the exported model's logits alone (without padding): a note, not a refusal.
+# exit_over_padding only decides whether padding positions hold up the early exit of a padded batch.
 TRAINING_FLAGS = {"ponder_loss": ("count", "the original's loss adds the constant update count instead"),
                   "exit_over_padding": (True, "the original's early exit also waits for padding positions; "
                                               "logits of unpadded inputs are the same")}
@@ -120,11 +122,7 @@ def _folder(src: str) -> str:
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f"{path}: unreadable ({e})") from None
+  data = fam.read_json(path, "the JSON file")
   if not isinstance(data, dict):
     raise ConversionError(f"{path}: expected a JSON object, found {type(data).__name__}")
   return data
@@ -187,6 +185,8 @@ def _number(x: float):
 # ------------------------------------------------------------------------------------------ family
 class HRMText1Family(fam.Family):
   name = "hrm_text1"
+  title = "HRM-Text1"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "HRM-Text1 save_pretrained folder (config.json + pytorch_model.bin or model.safetensors)"
   writes_directory = True
 
@@ -289,13 +289,13 @@ class HRMText1Family(fam.Family):
             "note": "the original uses the T5 tokenizer (32100 ids); this vocabulary is smaller, ids pass through"}
 
   # ---------------------------------------------------------------------------------- jaxlm -> torch
+  def check(self, model, params):
+    fam.require(model, {"arch": "hrm_text1"}, self.title)
+
   def write(self, model, params, source, tokenizer, out, options):
     """Writes config.json, generation_config.json and both weight formats (pytorch_model.bin, the README's, and
     model.safetensors, recent transformers' default; from_pretrained reads the latter when both exist).
     options.hrm_text1_weights ('bin' | 'safetensors', api keyword) writes only that one."""
-    if model.get("arch") != "hrm_text1":
-      raise ConversionError(f"model.arch is {model.get('arch')!r}; the HRM-Text1 format holds only 'hrm_text1' models")
-    fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "HRM-Text1")
     for key, (original, what) in TRAINING_FLAGS.items():
       if model.get(key) != original:
         print(f"note: model.{key} = {model.get(key)!r}: {what}", file=sys.stderr)

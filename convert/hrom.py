@@ -29,10 +29,12 @@ DEFAULT_ADAMW_GROUP = {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-08, "weight_
                        "fused": False, "decoupled_weight_decay": True}
 # Special token ids of HROM's BPE tokenizer (trainer order); its tokenizer file is not in the checkpoint.
 SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
-# Weight layout the format fixes (export refuses anything else) and behaviour the original hard-codes.
-FIXED = {"norm": "layer", "glu": "sigmoid", "rope_style": "half", "attn_bias": True, "mlp_bias": True,
-         "head_bias": True, "tie_embeddings": False}
-ORIGINAL_BEHAVIOUR = {"causal": True, "attention_window": 0, "norm_eps": 1e-5}
+# Tensors the format fixes (export refuses anything else).
+FIXED = {"arch": "decoder", "norm": "layer", "attn_bias": True, "mlp_bias": True, "head_bias": True,
+         "tie_embeddings": False}
+# What the original computes with those tensors: causal full attention, LayerNorm eps 1e-5 (torch default), a*sigmoid(g)
+# MLP, rotate-half RoPE. rope_theta is not listed: the saved inv_freq buffers carry it into the original.
+ORIGINAL_COMPUTATION = {"causal": True, "attention_window": 0, "norm_eps": 1e-5, "glu": "sigmoid", "rope_style": "half"}
 BLOCK_MODULES = ("", ".attn", ".attn.qkv", ".attn.proj", ".attn.rotary", ".attn.dropout", ".ff", ".ff.0",
                  ".ff.1", ".ff.2", ".norm1", ".norm2", ".dropout")
 
@@ -71,6 +73,8 @@ def _sizes(state: Mapping[str, Any], config: Mapping[str, Any], src: str) -> Dic
 
 class HROM(fam.Family):
   name = "hrom"
+  title = "HROM"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "HROM-V1 checkpoint hrom_<time>_step<N>.pt (dict with model/optimizer/step/config)"
 
   def sniff(self, src, obj):
@@ -131,10 +135,12 @@ class HROM(fam.Family):
                  "note": "HROM's BPE tokenizer file is not in the checkpoint; token ids pass through"}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, tokenizer, out, options):
+  def check(self, model, params):
     fam.require(model, {**FIXED, "n_kv_heads": model["n_heads"], "head_dim": model["d_model"] // model["n_heads"]},
-                "HROM")
-    fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "HROM")
+                self.title)
+    fam.window_of(model)
+
+  def write(self, model, params, source, tokenizer, out, options):
     d, n, n_layers = model["d_model"], model["n_heads"], model["n_layers"]
     hd = d // n
     inv_freq = layout.torch_rope_inv_freq(hd, float(model["rope_theta"]))

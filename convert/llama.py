@@ -24,8 +24,10 @@ from convert.errors import ConversionError
 # jaxlm glu activation <-> transformers ACT2FN name
 GLU_TO_HF = {"silu": "silu", "sigmoid": "sigmoid", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 HF_TO_GLU = {**{v: k for k, v in GLU_TO_HF.items()}, "swish": "silu", "gelu_new": "gelu_tanh"}
-FIXED = {"norm": "rms", "head_bias": False}
-ORIGINAL_BEHAVIOUR = {"causal": True, "attention_window": 0}
+FIXED = {"arch": "decoder", "norm": "rms", "head_bias": False}
+# LlamaForCausalLM attends causally over the whole context (no sliding window). Interleaved RoPE is not listed: the
+# export permutes q and k so that rotate-half computes the same scores.
+ORIGINAL_COMPUTATION = {"causal": True, "attention_window": 0}
 WEIGHTS_FILE = "model.safetensors"
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers older transformers saved; recomputed from rope_theta
 
@@ -38,11 +40,7 @@ def _hf_config(src: str) -> Dict[str, Any]:
   path = os.path.join(_folder(src), "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: missing; a Hugging Face Llama checkpoint needs its config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConversionError(f"{path}: unreadable ({e})") from None
+  return fam.read_json(path, "the Hugging Face config")
 
 
 def _tensors(src: str) -> Dict[str, np.ndarray]:
@@ -104,6 +102,8 @@ def schema(m: Mapping[str, Any]) -> Dict[str, tuple]:
 
 class Llama(fam.Family):
   name = "llama"
+  title = "Hugging Face Llama"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "Hugging Face Llama folder (config.json + model.safetensors), import and export"
   writes_directory = True
 
@@ -172,11 +172,13 @@ class Llama(fam.Family):
               "hf_config": cfg}
     return fam.Imported(model, params, tokenizer, source)
 
-  def write(self, model, params, source, tokenizer, out, options):
-    fam.require(model, FIXED, "Hugging Face Llama")
+  def check(self, model, params):
+    fam.require(model, FIXED, self.title)
     if model["glu"] not in GLU_TO_HF:
       raise ConversionError(f"model.glu {model['glu']!r} has no transformers activation")
-    fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "Llama")
+    fam.window_of(model)
+
+  def write(self, model, params, source, tokenizer, out, options):
     hd = model["head_dim"]
     # HF rotates halves: reorder interleaved pairs (2i, 2i+1) to (i, i + hd/2) in q and k.
     perm = layout.interleaved_to_half(hd) if model["rope_style"] == "interleaved" else np.arange(hd)

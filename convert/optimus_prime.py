@@ -37,9 +37,13 @@ DEFAULT_ADAMW_GROUP = {"lr": 0.0, "betas": (0.9, 0.999), "eps": 1e-08, "weight_d
                        "fused": None, "decoupled_weight_decay": True, "initial_lr": 0.0001}
 DEFAULT_SCHEDULER = {"warmup_steps": 56, "total_steps": 565, "min_lr": 0, "base_lrs": [0.0001], "last_epoch": 0,
                      "_step_count": 1, "_is_initial": False, "_get_lr_called_within_step": False, "_last_lr": [0.0]}
-FIXED = {"norm": "rms", "glu": "silu", "rope_style": "interleaved", "attn_bias": False, "mlp_bias": True,
-         "head_bias": False, "tie_embeddings": False}
-ORIGINAL_BEHAVIOUR = {"causal": True, "attention_window": 0, "norm_eps": RMS_EPS, "rope_theta": 10000.0}
+# Tensors the format fixes (export refuses anything else).
+FIXED = {"arch": "decoder", "norm": "rms", "attn_bias": False, "mlp_bias": True, "head_bias": False,
+         "tie_embeddings": False}
+# What the original computes with them: causal full attention, RMSNorm eps = float32 machine eps, SwiGLU, torchtune's
+# interleaved RoPE with theta 10000 (its RoPE buffers are not saved, so theta cannot travel in the file).
+ORIGINAL_COMPUTATION = {"causal": True, "attention_window": 0, "norm_eps": RMS_EPS, "rope_theta": 10000.0,
+                        "glu": "silu", "rope_style": "interleaved"}
 BLOCK_MODULES = ("", ".norm1", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj", ".attn.output_proj",
                  ".attn.pos_embeddings", ".norm2", ".mlp", ".mlp.w1", ".mlp.w2", ".mlp.w3", ".dropout")
 
@@ -77,6 +81,8 @@ def _num_heads(options, side, src) -> tuple:
 
 class OptimusPrime(fam.Family):
   name = "optimus_prime"
+  title = "Optimus Prime"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "Optimus Prime best_model.pt (dict with model_state_dict and a pickled TrainingConfig)"
   default_filename = "best_model.pt"
 
@@ -152,10 +158,12 @@ class OptimusPrime(fam.Family):
         "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
     return fam.Imported(model, params, tokenizer, source)
 
+  def check(self, model, params):
+    fam.require(model, {**FIXED, "head_dim": model["d_model"] // model["n_heads"]}, self.title)
+    fam.window_of(model)
+
   def write(self, model, params, source, tokenizer, out, options):
     n, k, d = model["n_heads"], model["n_kv_heads"], model["d_model"]
-    fam.require(model, {**FIXED, "head_dim": d // n}, "Optimus Prime")
-    fam.warn_behaviour({**model, "attention_window": fam.window_of(model)}, ORIGINAL_BEHAVIOUR, "Optimus Prime")
     if (n, k) != (DEFAULT_NUM_HEADS, DEFAULT_NUM_KV_HEADS) or model["d_ff"] != 4 * d:
       print(f"note: build the original with ModelConfig(vocab_size={model['vocab_size']}, dim={d}, "
             f"depth={model['n_layers']}, num_heads={n}, num_kv_heads={k}) and mlp_ratio={model['d_ff'] / d:g}; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Dict, Mapping, Optional
 
@@ -57,7 +58,14 @@ def load(path: str) -> Dict[str, np.ndarray]:
 
 def save(tensors: Mapping[str, np.ndarray], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
   try:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
   except ImportError:
     raise ConversionError("writing safetensors needs the safetensors package (pip install jaxlm[convert])") from None
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata or {}))
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata or {}))
+  except SafetensorError as e:  # "... I/O error: No space left on device (os error 28)": an OSError naming path
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if code is None:
+      raise
+    raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from e

@@ -9,6 +9,7 @@ original global names without importing those modules.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import pickle
 import types
@@ -190,7 +191,12 @@ def save(obj: Any, path: str) -> None:
     import torch
   except ImportError:
     raise ConversionError("writing a PyTorch checkpoint needs torch (pip install jaxlm[convert])") from None
-  torch.save(_to_torch(obj), path, pickle_module=_PICKLE_MODULE)
+  try:
+    torch.save(_to_torch(obj), path, pickle_module=_PICKLE_MODULE)
+  except RuntimeError as e:  # torch's C++ writer loses the errno of a failed write (disk full, quota, I/O)
+    if "inline_container" not in str(e):
+      raise
+    raise OSError(errno.EIO, f"writing failed ({str(e).strip()})", path) from e
 
 
 def state_dict(items, module_paths) -> "collections.OrderedDict":

@@ -23,9 +23,13 @@ from convert.errors import ConversionError
 # YingGemConfig defaults for what the checkpoint does not store.
 DEFAULTS = {"attention_window": 1024, "rms_norm_eps": 1e-6, "attention_dropout": 0.2,
             "max_position_embeddings": 1024}
-FIXED = {"norm": "rms", "glu": "sigmoid", "rope_style": "half", "attn_bias": True, "mlp_bias": True,
-         "head_bias": True, "tie_embeddings": False}
-ORIGINAL_BEHAVIOUR = {"causal": False}
+# Tensors the format fixes (export refuses anything else).
+FIXED = {"arch": "decoder", "norm": "rms", "attn_bias": True, "mlp_bias": True, "head_bias": True,
+         "tie_embeddings": False}
+# What the original computes with them: attention without a causal mask (a position also sees every later token in
+# its window), a*sigmoid(g) MLP, rotate-half RoPE. Not listed: the window and rms_norm_eps are YingGemConfig values
+# the user passes when loading the file (write prints them), and the saved rope.freqs buffers carry rope_theta.
+ORIGINAL_COMPUTATION = {"causal": False, "glu": "sigmoid", "rope_style": "half"}
 BLOCK_MODULES = ("", ".attn_norm", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj", ".attn.o_proj",
                  ".attn.rope", ".attn.dropout", ".mlp_norm", ".mlp", ".mlp.0", ".mlp.0.proj", ".mlp.1")
 PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
@@ -47,6 +51,8 @@ def schema(v: int, d: int, n_layers: int, hd: int, f: int) -> Dict[str, tuple]:
 
 class YingGem(fam.Family):
   name = "yinggem"
+  title = "YingGem"
+  original_computation = ORIGINAL_COMPUTATION
   summary = "YingGem-T1 yinggem_best.pth (plain state_dict)"
   default_filename = "yinggem_best.pth"
 
@@ -113,10 +119,13 @@ class YingGem(fam.Family):
         "kind": "ids", "vocab_size": v, "note": "the original uses GPT-2 BPE; this vocabulary is not GPT-2's"}
     return fam.Imported(model, params, tokenizer, source)
 
+  def check(self, model, params):
+    n = model["n_heads"]
+    fam.require(model, {**FIXED, "n_kv_heads": n, "head_dim": model["d_model"] // n}, self.title)
+    fam.window_of(model)
+
   def write(self, model, params, source, tokenizer, out, options):
     d, n = model["d_model"], model["n_heads"]
-    fam.require(model, {**FIXED, "n_kv_heads": n, "head_dim": d // n}, "YingGem")
-    fam.warn_behaviour(model, ORIGINAL_BEHAVIOUR, "YingGem")
     window = fam.window_of(model)
     settings = {"attention_window": window, "rms_norm_eps": model["norm_eps"],
                 "attention_dropout": model["attention_dropout"]}

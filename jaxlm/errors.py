@@ -73,7 +73,8 @@ def _root_os_error(e: BaseException) -> Optional[OSError]:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno is not None:
       return e
-    e = e.__cause__ or e.__context__
+    # `raise X from None` says the context does not explain X: respect it
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
   return None
 
 

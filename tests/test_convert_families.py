@@ -357,3 +357,30 @@ def test_jax2torch_exports_a_training_workdir(converted, tmp_path):
   written, original = torchfile.load(out), torchfile.load(os.path.join(FIXTURES, CHECKPOINTS["hrom"]))
   assert_identical(written["model"], original["model"])  # no source metadata: defaults for the other entries
   assert written["config"]["dim"] == 64 and written["step"] == 0 and written["optimizer"]["state"] == {}
+
+
+def test_refusing_a_causal_yinggem_export_is_justified(tmp_path):
+  """The original YingGem attends to later tokens: the weights of a causal jaxlm model load into it, but its logits
+  are not jaxlm's. jax2torch refuses such an export; the same weights with causal=False export and match."""
+  from convert.errors import ConversionError
+  model_dict, make_reference = RANDOM_MODELS["yinggem"]
+  module, params = random_params(model_dict)
+  causal_dict = dict(model_dict, causal=True)
+  _, causal_module = build_model(causal_dict)
+  ids = np.random.default_rng(1).integers(0, 97, size=(2, 11)).astype(np.int32)
+  errors = {}
+  for name, (model, jax_module, allow) in {"causal": (causal_dict, causal_module, True),
+                                           "original": (model_dict, module, False)}.items():
+    src = modeldir.save_model_dir(str(tmp_path / name), model, params, source={"family": "yinggem"})
+    if allow:
+      with pytest.raises(ConversionError, match="causal: True here, False in the original"):
+        api.jax2torch(src, str(tmp_path / f"{name}.pth"))
+    path = api.jax2torch(src, str(tmp_path / f"{name}.pth"), allow_different_computation=allow)
+    reference = make_reference().eval()
+    reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    with torch.no_grad():
+      expected = reference(torch.tensor(ids).long()).numpy()
+    errors[name] = np.abs(forward(jax_module, params, ids) - expected).max()
+  print(f"\nyinggem: original-code logits vs jaxlm, causal model {errors['causal']:.3g}, "
+        f"causal=False model {errors['original']:.3g}")
+  assert errors["original"] <= ATOL and errors["causal"] > 100 * ATOL
