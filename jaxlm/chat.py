@@ -2,28 +2,28 @@
 
   python -m jaxlm.chat --checkpoint DIR [--format auto|dialogue|plain] [--temperature 0.8] [--top-p 0.9]
                        [--top-k 0] [--repetition-penalty 1.0] [--max-new-tokens 200] [--mode MODE]
-                       [--blocklist FILE | --no-safety] [--batch] [--seed 0] [--which latest|best]
+                       [--blocklist FILE | --no-safety] [--batch] [--seed 0] [--which latest|best] [--verbose]
   printf 'hello\\nstatus\\nquit\\n' | python -m jaxlm.chat --checkpoint DIR      # piped input works too
 
 HROM-format models (family hrom, or trained with data.format=dialogue) talk in `<s><user> ...</s><assistant>
 ...</s>` turns; the oldest turns are dropped first when the conversation outgrows the context. Other models
 continue the running text. Each reply ends with its time, tokens/s, mode and temperature; Ctrl-C stops a
-reply. The safety filter (jaxlm.safety) checks whole words of your input and of the reply as it streams;
-its list is a plain text file you can edit (default: the one shipped in jaxlm/data/assets/blocklist.txt).
+reply, and at the prompt (like the end of the input, or `quit`) ends the chat. The safety filter (jaxlm.safety)
+checks whole words of your input and of the reply as it streams; its list is a plain text file you can edit
+(default: the one shipped in jaxlm/data/assets/blocklist.txt).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
-import signal
 import sys
 from typing import List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from jaxlm import generate
+from jaxlm import errors, generate, validate
 from jaxlm.models import apply_reasoning
 from jaxlm.safety import Blocklist, StreamGuard
 from jaxlm.sampling import Sampling
@@ -365,16 +365,14 @@ class Chat:
     budget = max(1, context - min(max_new, context // 2))
     prompt = self.format.prompt(self.history, message, budget)
     reply = _Reply(self, StreamGuard(self.blocklist))
-    self.interrupted = False
-    previous = _catch_interrupt(self)
-    try:
-      out = self.generator.generate([prompt], max_new, sampling=s.sampling(), stop_ids=self.format.stop_ids,
-                                    seed=s.seed + self.turns, listener=reply.on_tokens)
+    try:  # Ctrl-C during a reply stops that reply (the decode loop asks after every token)
+      with generate.StopOnInterrupt(raise_after=False) as interrupt:
+        out = self.generator.generate([prompt], max_new, sampling=s.sampling(), stop_ids=self.format.stop_ids,
+                                      seed=s.seed + self.turns, listener=reply.on_tokens, stop_check=interrupt)
     except ValueError as e:
       self.say(f"[error: {e}]")
       return
-    finally:
-      _restore_interrupt(previous)
+    self.interrupted = interrupt.requested
     self.turns += 1
     reply.finish()
     n = len(out.tokens[0])
@@ -424,13 +422,13 @@ class _Reply:
       return False  # the loop ends the row itself
     self.stream.ids.append(token)
     if self.stream.text().endswith("\ufffd"):
-      return self.chat.interrupted
+      return False
     text, complete = self._visible()
     natural = self.chat.settings.natural and bool(_SENTENCE_END.search(text.rstrip()))
     new, self.hit = self.guard.feed(text, final=complete or natural)
     self._show(new)
     self.ended = complete or natural
-    return bool(self.hit) or self.ended or self.chat.interrupted
+    return bool(self.hit) or self.ended
 
   def finish(self) -> None:
     if not self.hit:
@@ -441,21 +439,6 @@ class _Reply:
       self.chat.say(f"model> {self.shown}")
     else:
       self.chat.say()
-
-
-def _catch_interrupt(chat: Chat):
-  """Ctrl-C during a reply stops that reply (the decode loop asks the listener after every token)."""
-  def handler(signum, frame):
-    chat.interrupted = True
-  try:
-    return signal.signal(signal.SIGINT, handler)
-  except ValueError:  # not the main thread
-    return None
-
-
-def _restore_interrupt(previous) -> None:
-  if previous is not None:
-    signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -482,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch", action="store_true", help="show each reply when complete (command: batch)")
   parser.add_argument("--natural", action="store_true", help="stop replies at a sentence end")
   parser.add_argument("--seed", type=int, default=d.seed)
+  parser.add_argument("--verbose", action="store_true", help="print the traceback of an error (or JAXLM_VERBOSE=1)")
   return parser
 
 
@@ -493,9 +477,6 @@ def _input_lines(stdin, chat: Chat):
       except EOFError:
         chat.say()
         return
-      except KeyboardInterrupt:
-        chat.say()
-        return
   else:
     for line in stdin:  # piped: echo, so the transcript reads like a session
       line = line.rstrip("\r\n")
@@ -504,29 +485,34 @@ def _input_lines(stdin, chat: Chat):
 
 
 def main(argv=None, stdin=None, stdout=None) -> int:
-  args = build_parser().parse_args(argv)
-  stdin = stdin or sys.stdin
-  out = stdout or sys.stdout
-  try:
-    settings = Settings(mode=args.mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style,
-                        max_new_tokens=args.max_new_tokens, natural=args.natural,
-                        interactive=not args.batch, seed=args.seed)
-    settings.sampling()  # validates the numbers
-    blocklist = Blocklist([], source="off") if args.no_safety else Blocklist.load(args.blocklist)
-    model = generate.load(args.checkpoint, args.which)
-    chat = Chat(model, settings, blocklist, choose_format(model, args.format), out=out,
-                context=args.context or None, strategy=args.decode)
-    if args.mode is not None and args.mode not in chat.modes:
-      raise ValueError(f"--mode must be one of {', '.join(chat.modes)}, got {args.mode!r}")
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  """Exit codes (jaxlm.errors): 0 the chat ended (quit, end of input, Ctrl-C at the prompt), 1 a failure while
+  running, 2 bad input, 130 Ctrl-C before the chat started."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return errors.run_command(lambda: _run(build_parser().parse_args(argv), stdin or sys.stdin, stdout or sys.stdout),
+                            argv)
+
+
+def _run(args, stdin, out) -> int:
+  validate.check_args(args, generate.SAMPLING_ARGS)
+  settings = Settings(mode=args.mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style,
+                      max_new_tokens=args.max_new_tokens, natural=args.natural,
+                      interactive=not args.batch, seed=args.seed)
+  settings.sampling()  # validates the combination
+  blocklist = Blocklist([], source="off") if args.no_safety else Blocklist.load(args.blocklist)
+  model = generate.load(args.checkpoint, args.which)
+  chat = Chat(model, settings, blocklist, choose_format(model, args.format), out=out,
+              context=args.context or None, strategy=args.decode)
+  if args.mode is not None and args.mode not in chat.modes:
+    raise ValueError(f"--mode must be one of {', '.join(chat.modes)}, got {args.mode!r}")
   chat.say(f"[jaxlm chat: {model_family(model) or getattr(model.config, 'arch', '?')}, "
            f"{chat.n_params:,} parameters, {chat.format.name} format; 'help' lists commands]")
-  for line in _input_lines(stdin, chat):
-    if not chat.handle(line):
-      break
+  try:
+    for line in _input_lines(stdin, chat):
+      if not chat.handle(line):
+        break
+  except KeyboardInterrupt:  # Ctrl-C outside a reply (a reply catches its own): leave as 'quit' does
+    chat.say()
   chat.say("[bye]")
   return 0
 

@@ -127,11 +127,18 @@ class _QuietReports(logging.Filter):
     self.hidden += 1
 
   def install(self) -> None:
-    for handler in logging.getLogger().handlers:
+    self._handlers = list(logging.getLogger().handlers)
+    self._hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    for handler in self._handlers:
       handler.addFilter(self)
     sys.excepthook = self.hide  # what C extensions' callbacks print through PyErr_Print
     threading.excepthook = self.hide
     sys.unraisablehook = self.hide
+
+  def uninstall(self) -> None:
+    for handler in self._handlers:
+      handler.removeFilter(self)
+    sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
 
 
 def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -> int:
@@ -153,6 +160,8 @@ def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -
     print(f"error: {describe(e)}", file=sys.stderr)
     return exit_code(e)
   finally:
-    if quiet is not None and quiet.hidden:
-      print(f"({quiet.hidden} error report(s) from libraries and background threads hidden; --verbose or "
-            "JAXLM_VERBOSE=1 shows them)", file=sys.stderr)
+    if quiet is not None:
+      quiet.uninstall()
+      if quiet.hidden:
+        print(f"({quiet.hidden} error report(s) from libraries and background threads hidden; --verbose or "
+              "JAXLM_VERBOSE=1 shows them)", file=sys.stderr)

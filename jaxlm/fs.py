@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from typing import Any
 
 from etils import epath
@@ -43,9 +44,16 @@ def read_text(path: str) -> str:
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
   target = epath.Path(path)
-  tmp = target.parent / f".{target.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(target)
+  tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"  # two writers never share a temporary
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(target)
+  except BaseException:
+    try:
+      tmp.unlink()
+    except OSError:
+      pass
+    raise
 
 
 def write_text_atomic(path: str, text: str) -> None:

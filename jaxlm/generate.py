@@ -3,7 +3,7 @@
   python -m jaxlm.generate --checkpoint DIR (--prompt "text" | --prompt-ids 1,2,3)... --max-new-tokens N
       [--temperature 0] [--top-k K] [--top-p P] [--repetition-penalty R --penalty-style sign|divide]
       [--seed S] [--stop-ids 2,3|none] [--context C] [--decode auto|cache|recompute] [--stream]
-      [--mode fast|normal|deep|extreme --n-cycles N --t-steps T] [--which latest|best] [--print-ids]
+      [--mode fast|normal|deep|extreme --n-cycles N --t-steps T] [--which latest|best] [--print-ids] [--verbose]
 
 --checkpoint is a model directory (python -m convert torch2jax writes one) or a training workdir. `--prompt`
 text goes through the model's own tokenizer; `--prompt-ids` gives token ids. Either may repeat: the prompts
@@ -20,6 +20,12 @@ chat compiles a handful of shapes, not one per turn. The context (default model.
 step sees: a longer prompt keeps its last `context` tokens, and past it recompute slides its window while
 the cache keeps the last `context` positions.
 
+Before anything is allocated, a generation is checked against what it can address (at most 2^24 positions,
+prompt included) and against memory (its buffers, `decode_bytes`, must fit in half the free device or host
+memory); either failure is one line naming what to lower. Ctrl-C stops the loop within a few tokens. Errors
+are one line on stderr (the traceback with --verbose or JAXLM_VERBOSE=1); exit codes as in jaxlm.errors:
+0 done, 1 a failure while running, 2 bad input, 130 Ctrl-C.
+
 Sampling and its order of operations: jaxlm.sampling.
 """
 from __future__ import annotations
@@ -28,6 +34,8 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import os
+import signal
 import sys
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -37,16 +45,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxlm import kv_cache
+from jaxlm import errors, kv_cache, validate
 from jaxlm.models import apply_reasoning
 from jaxlm.sampling import Sampling, Stages, choose, token_counts
 
 STRATEGIES = ("auto", "cache", "recompute")
 FILL = -1  # output slot of a row that has finished
+# One generation addresses at most 2^24 positions, prompt included: the cache path feeds absolute positions to
+# float32 rotary angles, exact integers only up to 2^24. Full recompute (positions stay inside its window) gets
+# the same limit, so that one number bounds every output buffer (one int32 per token: 64 MiB per prompt).
+MAX_POSITIONS = 2 ** 24
+MEMORY_FRACTION = 0.5  # decode buffers may take this share of the free device (or host) memory
 
 # A listener sees each step's tokens as they are chosen: listener(tokens [B], step, finished [B]) and may
 # return a bool array [B] (or one bool) asking rows to stop after this token (safety filter, "natural" stop).
 Listener = Callable[[np.ndarray, int, np.ndarray], Any]
+# A stop check (e.g. "was Ctrl-C pressed?") is asked every STOP_CHECK_EVERY tokens, without a listener's cost of
+# one host callback per token; True stops every row.
+StopCheck = Callable[[], bool]
+STOP_CHECK_EVERY = 32
 
 
 def _bucket(n: int, floor: int = 8) -> int:
@@ -82,6 +99,7 @@ class _Plan:
   stages: Stages
   stop_ids: Tuple[int, ...]
   relay: Optional[_Relay]
+  relay_every: int = 1  # the relay is asked at steps that are multiples of this
 
 
 # -------------------------------------------------------------------------------------- the two paths
@@ -149,8 +167,10 @@ def _decode(params, prompt_BxP, lengths_B, counts_BxV, max_new, values, key, *, 
       counts = counts.at[jnp.arange(b), tokens].add(jnp.where(finished > 0, 0, 1))
     code = jnp.where(jnp.isin(tokens, stop_ids), 1, 0)
     if plan.relay is not None:
-      halt = io_callback(plan.relay, jax.ShapeDtypeStruct((b,), jnp.bool_), tokens, step, finished > 0,
-                         ordered=True)
+      ask = lambda: io_callback(plan.relay, jax.ShapeDtypeStruct((b,), jnp.bool_), tokens, step, finished > 0,
+                                ordered=True)
+      halt = ask() if plan.relay_every == 1 else jax.lax.cond(step % plan.relay_every == 0, ask,
+                                                              lambda: jnp.zeros((b,), jnp.bool_))
       code = jnp.where((code == 0) & halt, 2, code)
     return tokens, counts, jnp.where(finished > 0, finished, code)
 
@@ -173,6 +193,93 @@ def _decode(params, prompt_BxP, lengths_B, counts_BxV, max_new, values, key, *, 
   carry = (jnp.int32(1), tokens, state, out, counts, finished)
   _, _, _, out, _, finished = jax.lax.while_loop(cond, body, carry)
   return out, finished
+
+
+# -------------------------------------------------------------------------------------- sizes
+def decode_bytes(plan: _Plan, vocab_size: int) -> dict:
+  """Bytes of the largest buffers one compiled decode allocates, by name (an estimate: what grows with the
+  batch, the output length, the context and the vocabulary; activations of width d_model are left out)."""
+  config, b = plan.module.config, plan.batch
+  heads = int(getattr(config, "n_heads", 1))
+  sizes = {"output ids": b * plan.max_new * 4}
+  if plan.use_cache:
+    itemsize = jnp.dtype(getattr(config, "dtype", "float32")).itemsize
+    slots = [min(w, plan.window_len) if w else plan.window_len for _, _, w in config.kv_cache_layout]
+    sizes["KV cache"] = sum(b * s * (2 * k * h * itemsize + 4) for s, (k, h, _) in zip(slots, config.kv_cache_layout))
+    sizes["attention scores"] = b * heads * plan.prompt_len * (max(slots) + plan.prompt_len) * 4  # the prefill
+    logit_rows = 1
+  else:
+    sizes["token window"] = b * plan.window_len * 4
+    sizes["attention scores"] = b * heads * plan.window_len ** 2 * 4
+    logit_rows = 1 if _accepts(plan.module, "logits_at_B") else plan.window_len
+  sizes["logits"] = b * logit_rows * vocab_size * 4
+  if plan.stages.penalty:
+    sizes["repetition counts"] = b * vocab_size * 4
+  return sizes
+
+
+def memory_budget() -> Optional[Tuple[int, str]]:
+  """(bytes the decode buffers may take, where that comes from), or None when the free memory is unknown."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if "bytes_limit" in stats:
+    free, where = stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"free {device.platform} memory"
+  else:
+    free, where = _host_available_bytes(), "free host memory"
+  if free is None:
+    return None
+  return int(free * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of the {_human(free)} of {where}"
+
+
+def _host_available_bytes() -> Optional[int]:
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (AttributeError, ValueError, OSError):
+    return None
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1000 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1000
+
+
+def _check_positions(longest_prompt: int, max_new_tokens: int) -> None:
+  if longest_prompt + max_new_tokens > MAX_POSITIONS:
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens:,} with a {longest_prompt:,}-token prompt passes the last position a "
+        f"generation addresses ({MAX_POSITIONS:,} = 2^24, prompt included); lower --max-new-tokens to at most "
+        f"{MAX_POSITIONS - longest_prompt:,}")
+
+
+def _check_memory(plan_for: Callable[[int], _Plan], max_new: int, vocab_size: int, n_prompts: int) -> None:
+  """Refuses, before anything is allocated, a decode whose buffers would not fit in the memory budget.
+  `plan_for(m)` is the plan with an output buffer of m tokens."""
+  budget = memory_budget()
+  if budget is None:
+    return
+  limit, where = budget
+  plan = plan_for(max_new)
+  sizes = decode_bytes(plan, vocab_size)
+  if sum(sizes.values()) <= limit:
+    return
+  parts = ", ".join(f"{name} {_human(n)}" for name, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
+  fits = max_new // 2
+  while fits >= 16 and sum(decode_bytes(plan_for(fits), vocab_size).values()) > limit:
+    fits //= 2
+  advice = (f"lower --max-new-tokens (at most {fits:,} fit), --context or the number of prompts" if fits >= 16
+            else "lower --context or the number of prompts (even 16 new tokens do not fit)")
+  raise ValueError(f"decoding {n_prompts} prompt(s) with a {plan.window_len:,}-token window and room for "
+                   f"{plan.max_new:,} new tokens needs about {_human(sum(sizes.values()))} ({parts}), more than "
+                   f"the {_human(limit)} allowed ({where}); {advice}")
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -217,7 +324,9 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (), seed: int = 0,
-               listener: Optional[Listener] = None) -> Output:
+               listener: Optional[Listener] = None, stop_check: Optional[StopCheck] = None) -> Output:
+    """New tokens for each prompt. `listener` sees every token; `stop_check` is asked every STOP_CHECK_EVERY
+    tokens (with every token when there is a listener) and True ends every row ('halt')."""
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(not p for p in prompts):
       raise ValueError("every prompt needs at least one token")
@@ -230,18 +339,20 @@ class Generator:
     started = time.perf_counter()
     windows = [p[-self.context:] for p in prompts]
     lengths = np.array([len(w) for w in windows], np.int32)
+    _check_positions(int(lengths.max()), max_new_tokens)
     prompt_len = min(_bucket(int(lengths.max())), self.context)
     max_new = _bucket(max_new_tokens, 16)
+    stages = sampling.stages()
+    plan_for = functools.partial(
+        self._plan, batch=len(prompts), prompt_len=prompt_len, stages=stages,
+        stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), **_relay_fields(self._relay, listener, stop_check))
+    _check_memory(plan_for, max_new, self.vocab_size, len(prompts))
+    plan = plan_for(max_new)
     batch = np.zeros((len(windows), prompt_len), np.int32)
     for row, w in enumerate(windows):
       batch[row, :len(w)] = w
-    stages = sampling.stages()
     counts = jnp.asarray(token_counts(prompts, self.vocab_size)) if stages.penalty else None
-    plan = _Plan(module=self.module, use_cache=self.strategy == "cache", batch=len(prompts),
-                 prompt_len=prompt_len, max_new=max_new, window_len=min(prompt_len + max_new, self.context),
-                 stages=stages, stop_ids=tuple(sorted(set(int(i) for i in stop_ids))),
-                 relay=self._relay if listener is not None else None)
-    self._relay.listener = listener
+    self._relay.listener = _with_stop_check(listener, stop_check)
     cached_loops = _compiled_loops()
     try:
       out, finished = _decode(self.params, jnp.asarray(batch), jnp.asarray(lengths), counts,
@@ -259,6 +370,27 @@ class Generator:
       finish.append(reason)
     return Output(tokens, finish, time.perf_counter() - started, self.strategy, _compiled_loops() > cached_loops)
 
+  def _plan(self, max_new: int, *, prompt_len: int, **fields) -> _Plan:
+    """The decode's static plan for an output buffer of `max_new` tokens."""
+    return _Plan(module=self.module, use_cache=self.strategy == "cache", prompt_len=prompt_len, max_new=max_new,
+                 window_len=min(prompt_len + max_new, self.context), **fields)
+
+
+def _relay_fields(relay: _Relay, listener: Optional[Listener], stop_check: Optional[StopCheck]) -> dict:
+  if listener is None and stop_check is None:
+    return {"relay": None}
+  return {"relay": relay, "relay_every": 1 if listener is not None else STOP_CHECK_EVERY}
+
+
+def _with_stop_check(listener: Optional[Listener], stop_check: Optional[StopCheck]) -> Optional[Listener]:
+  if stop_check is None:
+    return listener
+
+  def combined(tokens, step, finished):
+    stop = listener(tokens, step, finished) if listener is not None else None
+    return np.asarray(False if stop is None else stop, bool) | bool(stop_check())
+  return combined
+
 
 def _compiled_loops() -> int:
   size = getattr(_decode, "_cache_size", None)  # a private jax API: only used to label timings
@@ -268,10 +400,11 @@ def _compiled_loops() -> int:
 def generate(module, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (), seed: int = 0,
              context: Optional[int] = None, strategy: str = "auto",
-             listener: Optional[Listener] = None) -> Output:
+             listener: Optional[Listener] = None, stop_check: Optional[StopCheck] = None) -> Output:
   """One-shot form of Generator(...).generate(...)."""
   return Generator(module, params, context=context, strategy=strategy).generate(
-      prompts, max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=seed, listener=listener)
+      prompts, max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=seed, listener=listener,
+      stop_check=stop_check)
 
 
 def sample_ids(module, params, prompt_ids: List[int], max_new_tokens: int, *, context: int,
@@ -346,7 +479,76 @@ class TextStream:
     return new
 
 
+# -------------------------------------------------------------------------------------- Ctrl-C
+class StopOnInterrupt:
+  """Ctrl-C while decoding ends the loop within STOP_CHECK_EVERY tokens instead of being lost.
+
+  A compiled loop never sees KeyboardInterrupt: Python runs signal handlers on the main thread only, which
+  waits inside XLA until the loop returns (and a KeyboardInterrupt raised in a listener's host callback turns
+  into a runtime error). So during the block SIGINT is also written to a pipe (signal.set_wakeup_fd, which the
+  interpreter does at once, from whichever thread the signal lands on), and the loop's stop check reads it:
+  `with StopOnInterrupt() as stop: generator.generate(..., stop_check=stop)`. Leaving the block after a Ctrl-C
+  raises KeyboardInterrupt (with raise_after=False, `stop.requested` tells instead).
+  """
+
+  def __init__(self, raise_after: bool = True):
+    self.raise_after = raise_after
+    self.requested = False
+    self._previous = None
+    self._pipe = None
+    self._previous_fd = -1
+
+  def __call__(self) -> bool:
+    if not self.requested and self._pipe is not None:
+      try:
+        self.requested = signal.SIGINT in os.read(self._pipe[0], 512)
+      except BlockingIOError:  # nothing written: no signal yet
+        pass
+    return self.requested
+
+  def __enter__(self) -> "StopOnInterrupt":
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    except ValueError:  # not the main thread: Ctrl-C stays with the caller
+      self._previous = None
+      return self
+    self._pipe = os.pipe()
+    for fd in self._pipe:
+      os.set_blocking(fd, False)
+    self._previous_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> bool:
+    if self._previous is not None:
+      self()  # a signal still in the pipe counts
+      signal.set_wakeup_fd(self._previous_fd)
+      signal.signal(signal.SIGINT, self._previous)
+      for fd in self._pipe:
+        os.close(fd)
+      self._previous, self._pipe = None, None
+    if self.requested and self.raise_after and exc_type is None:
+      raise KeyboardInterrupt
+    return False
+
+  def _handle(self, signum, frame) -> None:
+    self.requested = True
+
+
 # -------------------------------------------------------------------------------------- CLI
+# Sampling flags (shared with jaxlm.chat): each value's range, checked before anything loads.
+SAMPLING_ARGS = {
+    "max_new_tokens": validate.integer(1, MAX_POSITIONS - 1, note="a generation addresses 2^24 positions"),
+    "temperature": validate.number(0, note="0 = greedy"),
+    "top_k": validate.integer(0, note="0 = off"),
+    "top_p": validate.number(0, 1, note="1 = off, 0 = only the most likely token"),
+    "repetition_penalty": validate.number(0, low_open=True, note="1 = off"),
+    "seed": validate.SEED,
+    "context": validate.integer(2, MAX_POSITIONS, special=((0, "model.max_seq_len"),)),
+}
+HRM_ARGS = {"n_cycles": validate.integer(1), "t_steps": validate.integer(1)}
+
+
 def _parse_ids(text: str) -> List[int]:
   fields = [f for f in text.replace(",", " ").split() if f]
   try:
@@ -355,12 +557,11 @@ def _parse_ids(text: str) -> List[int]:
     raise ValueError(f"--prompt-ids {text!r}: give integer ids like 1,2,3") from None
 
 
-def _parse_stop(text: Optional[str], tokenizer) -> List[int]:
+def _parse_stop(text: Optional[str]) -> Optional[List[int]]:
+  """--stop-ids: None = the tokenizer's eos, 'none' = no stop ids, else the ids."""
   if text is None:
-    return default_stop_ids(tokenizer)
-  if text.strip().lower() == "none":
-    return []
-  return _parse_ids(text)
+    return None
+  return [] if text.strip().lower() == "none" else _parse_ids(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,36 +592,38 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--n-cycles", type=int, help="HRM: N high-level cycles")
   parser.add_argument("--t-steps", type=int, help="HRM: T low-level steps per cycle")
   parser.add_argument("--print-ids", action="store_true", help="print the new ids as the last line(s)")
+  parser.add_argument("--verbose", action="store_true", help="print the traceback of an error (or JAXLM_VERBOSE=1)")
   return parser
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    if not args.prompt and not args.prompt_ids:
-      raise ValueError("give --prompt TEXT or --prompt-ids IDS")
-    model = load(args.checkpoint, args.which, args.mode, args.n_cycles, args.t_steps)
-    if args.prompt and model.tokenizer is None:
-      raise ValueError(f"--prompt needs a tokenizer and {model.tokenizer_error}; use --prompt-ids")
-    prompts = [model.tokenizer.encode(text) for text in args.prompt] + [_parse_ids(t) for t in args.prompt_ids]
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style)
-    stop_ids = _parse_stop(args.stop_ids, model.tokenizer)
-    generator = Generator(model.module, model.params, context=args.context or None, strategy=args.decode)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  stream = args.stream if args.stream is not None else (sys.stdout.isatty() and len(prompts) == 1)
-  if stream and len(prompts) != 1:
-    print("error: --stream prints one prompt's tokens; give a single prompt", file=sys.stderr)
-    return 2
-  listener = _printer(model.tokenizer, stop_ids) if stream else None
-  try:
+  """Exit codes (jaxlm.errors): 0 done, 1 a failure while running, 2 bad input, 130 Ctrl-C."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return errors.run_command(lambda: _run(build_parser().parse_args(argv)), argv)
+
+
+def _run(args) -> int:
+  validate.check_args(args, {**SAMPLING_ARGS, **HRM_ARGS})
+  n_prompts = len(args.prompt) + len(args.prompt_ids)
+  if not n_prompts:
+    raise ValueError("give --prompt TEXT or --prompt-ids IDS")
+  stream = args.stream if args.stream is not None else (sys.stdout.isatty() and n_prompts == 1)
+  if stream and n_prompts != 1:
+    raise ValueError("--stream prints one prompt's tokens; give a single prompt")
+  id_prompts = [_parse_ids(t) for t in args.prompt_ids]
+  stop_arg = _parse_stop(args.stop_ids)
+  sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style)
+  model = load(args.checkpoint, args.which, args.mode, args.n_cycles, args.t_steps)
+  if args.prompt and model.tokenizer is None:
+    raise ValueError(f"--prompt needs a tokenizer and {model.tokenizer_error}; use --prompt-ids")
+  prompts = [model.tokenizer.encode(text) for text in args.prompt] + id_prompts
+  stop_ids = default_stop_ids(model.tokenizer) if stop_arg is None else stop_arg
+  generator = Generator(model.module, model.params, context=args.context or None, strategy=args.decode)
+  with StopOnInterrupt() as interrupted:
     out = generator.generate(prompts, args.max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=args.seed,
-                             listener=listener)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+                             listener=_printer(model.tokenizer, stop_ids) if stream else None,
+                             stop_check=interrupted)
   if stream:
     print()
   else:

@@ -122,9 +122,11 @@ def save_model_dir(out_dir: str, model_dict: Mapping[str, Any], params: Any,
 
 def read_config(path: str) -> Dict[str, Any]:
   config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{path} is not a model directory: {config_path} does not exist")
-  with open(config_path, encoding="utf-8") as f:
+  try:  # an unreadable directory or file is a PermissionError naming it, not "not a model directory"
+    f = open(config_path, encoding="utf-8")
+  except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    raise FileNotFoundError(f"{path} is not a model directory: {config_path} does not exist") from None
+  with f:
     try:
       config = json.load(f)
     except json.JSONDecodeError as e:

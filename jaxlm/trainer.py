@@ -122,11 +122,9 @@ class Trainer:
 
   def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
-    try:  # TODO(reliability): validate lands with its own change
-      from jaxlm import validate
-      validate.check_config(config)
-    except ImportError:
-      pass
+    from jaxlm import validate
+    for warning in validate.check_config(config):  # every field in range before any work
+      log.warning("config: %s", warning)
     self.config, self.tc = config, config.train
     tc = self.tc
     self.run_start = time.perf_counter()

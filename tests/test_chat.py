@@ -1,5 +1,7 @@
 """jaxlm.chat driven through a pipe, its dialogue history, and the word-boundary safety filter."""
 import io
+import os
+import signal
 import string
 import subprocess
 import sys
@@ -119,3 +121,50 @@ def test_stream_guard_never_releases_a_blocked_word():
   assert shown == "I hate yours ok" and guard.hit is None
   guard = StreamGuard(Blocklist(["hate you"]))
   assert guard.feed("I hate ")[0] == "I " and guard.feed("I hate you", final=True) == ("", "hate you")
+
+
+# ------------------------------------------------------------------------------ ending: EOF, Ctrl-C, bad values
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-new-tokens", "0", "--max-new-tokens=0: must be an integer in [1, 16777215]"),
+    ("--temperature", "-0.5", "--temperature=-0.5: must be a number >= 0 (0 = greedy)"),
+    ("--top-p", "2", "--top-p=2.0: must be a number in [0, 1]"),
+    ("--context", "1", "--context=1: must be 0 (model.max_seq_len) or an integer in [2, 16777216]"),
+])
+def test_out_of_range_values_are_refused_before_loading(tmp_path, capsys, monkeypatch, flag, value, message):
+  monkeypatch.delenv("JAXLM_VERBOSE", raising=False)
+  out = io.StringIO()
+  assert chat.main(["--checkpoint", str(tmp_path / "missing"), flag, value], stdin=io.StringIO(""), stdout=out) == 2
+  assert capsys.readouterr().err.startswith(f"error: {message}") and out.getvalue() == ""
+
+
+class CtrlCAfter:
+  """Piped input whose reader gets Ctrl-C after the given lines."""
+
+  def __init__(self, lines):
+    self.lines = lines
+
+  def __iter__(self):
+    yield from (line + "\n" for line in self.lines)
+    raise KeyboardInterrupt
+
+
+def test_end_of_input_and_ctrl_c_at_the_prompt_end_the_chat(dialogue_dir, capsys):
+  assert run_chat(["--checkpoint", dialogue_dir], ["status"]).rstrip().endswith("history: 0 turn(s)\n[bye]")
+  out = io.StringIO()
+  assert chat.main(["--checkpoint", dialogue_dir], stdin=CtrlCAfter(["status"]), stdout=out) == 0
+  assert out.getvalue().endswith("history: 0 turn(s)\n\n[bye]\n")
+  assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_reply_stops_only_that_reply(dialogue_dir, monkeypatch):
+  """Ctrl-C while the model answers: the reply stops, the chat goes on (the next line is read)."""
+  on_tokens = chat._Reply.on_tokens
+
+  def press_ctrl_c_at_the_first_token(self, tokens, step, finished):
+    if step == 0:
+      os.kill(os.getpid(), signal.SIGINT)
+    return on_tokens(self, tokens, step, finished)
+  monkeypatch.setattr(chat._Reply, "on_tokens", press_ctrl_c_at_the_first_token)
+  out = run_chat(["--checkpoint", dialogue_dir, "--temperature", "0", "--max-new-tokens", "40"], ["hi", "status"])
+  assert "[reply stopped: interrupted]" in out and "model> ok." not in out  # " ok." is 4 tokens
+  assert "history: 1 turn(s)" in out and out.rstrip().endswith("[bye]")

@@ -1,5 +1,9 @@
 """jaxlm.generate: the originals' greedy tokens, KV cache == full recompute, sampling, stop ids, streaming, CLI."""
+import errno
 import os
+import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +73,8 @@ def test_strategy_follows_the_config(converted):
 
 
 # ------------------------------------------------------------------------------ cache == recompute
-def random_decoder(seed=0, **overrides):
+def random_model(seed=0, **overrides):
+  """(model dict, numpy params) of a small random GQA decoder."""
   model = dict(arch="decoder", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                norm="rms", norm_eps=1e-6, rope_style="interleaved", glu="silu", mlp_bias=True, causal=True,
                max_seq_len=128)
@@ -77,8 +82,13 @@ def random_decoder(seed=0, **overrides):
   rng = np.random.default_rng(seed)
   params = {k: (float(k.endswith("scale")) + 0.3 * rng.standard_normal(shape)).astype(np.float32)
             for k, shape in modeldir.expected_param_shapes(model).items()}
+  return model, traverse_util.unflatten_dict(params, sep="/")
+
+
+def random_decoder(seed=0, **overrides):
+  model, params = random_model(seed, **overrides)
   config, module = build_model(model)
-  return config, module, jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(params, sep="/"))
+  return config, module, jax.tree.map(jnp.asarray, params)
 
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 60, 61, 7, 8, 30, 31, 12], [70, 71, 72, 73, 74, 75, 76]]
@@ -199,3 +209,117 @@ def test_cli_text_prompt_batch_and_errors(converted, capsys, tmp_path):
   assert "apply to HRM models" in capsys.readouterr().err
   assert generate.main(["--checkpoint", str(tmp_path), "--prompt-ids", "1"]) == 2
   assert "not a model directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ bounds, errors, Ctrl-C
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+  """A random causal decoder with a 64-token context and no tokenizer (prompts are --prompt-ids)."""
+  model, params = random_model(max_seq_len=64)
+  return modeldir.save_model_dir(str(tmp_path_factory.mktemp("decoder") / "model"), model, params)
+
+
+@pytest.fixture
+def no_verbose(monkeypatch):
+  monkeypatch.delenv("JAXLM_VERBOSE", raising=False)
+
+
+def cli_error(capsys, argv, code):
+  """stderr of a failing `generate.main(argv)`: exit `code`, one line, no traceback."""
+  assert generate.main(argv) == code
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  return err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-new-tokens", "0", "--max-new-tokens=0: must be an integer in [1, 16777215]"),
+    ("--max-new-tokens", "1000000000", "--max-new-tokens=1000000000: must be an integer in [1, 16777215] "
+                                       "(a generation addresses 2^24 positions)"),
+    ("--temperature", "-1", "--temperature=-1.0: must be a number >= 0 (0 = greedy)"),
+    ("--temperature", "nan", "--temperature=nan: must be a number >= 0"),
+    ("--top-p", "1.5", "--top-p=1.5: must be a number in [0, 1]"),
+    ("--top-k", "-1", "--top-k=-1: must be an integer >= 0 (0 = off)"),
+    ("--repetition-penalty", "0", "--repetition-penalty=0.0: must be a number > 0 (1 = off)"),
+    ("--seed", "-1", "--seed=-1: must be an integer in [0, 4294967296)"),
+    ("--seed", "4294967296", "--seed=4294967296: must be an integer in [0, 4294967296)"),
+    ("--context", "1", "--context=1: must be 0 (model.max_seq_len) or an integer in [2, 16777216]"),
+    ("--n-cycles", "0", "--n-cycles=0: must be an integer >= 1"),
+])
+def test_cli_refuses_out_of_range_values_before_loading(capsys, tmp_path, no_verbose, flag, value, message):
+  """The checkpoint does not exist: the value is refused before anything is read."""
+  err = cli_error(capsys, ["--checkpoint", str(tmp_path / "missing"), "--prompt-ids", "1", flag, value], 2)
+  assert err.startswith(f"error: {message}")
+
+
+def test_generation_length_is_bounded_before_anything_is_allocated(monkeypatch):
+  _, module, params = random_decoder(max_seq_len=64)
+  gen = generate.Generator(module, params)
+
+  def no_decode(*args, **kwargs):
+    raise RuntimeError("decoding started")
+  monkeypatch.setattr(generate, "_decode", no_decode)
+  with pytest.raises(ValueError, match=r"^max_new_tokens=16,777,214 with a 3-token prompt passes the last position "
+                                       r"a generation addresses \(16,777,216 = 2\^24, prompt included\); lower "
+                                       r"--max-new-tokens to at most 16,777,213$"):
+    gen.generate([[1, 2, 3]], generate.MAX_POSITIONS - 2)
+
+  monkeypatch.setattr(generate, "memory_budget", lambda: (1_000_000, "a test budget"))
+  with pytest.raises(ValueError) as info:
+    gen.generate(PROMPTS, 1_000_000)
+  assert str(info.value) == (
+      "decoding 3 prompt(s) with a 64-token window and room for 1,048,576 new tokens needs about 12.7 MB (output "
+      "ids 12.6 MB, attention scores 61.4 KB, KV cache 50.7 KB, logits 1.2 KB), more than the 1.0 MB allowed (a "
+      "test budget); lower --max-new-tokens (at most 65,536 fit), --context or the number of prompts")
+  with pytest.raises(RuntimeError, match="decoding started"):  # what it says fits does
+    gen.generate(PROMPTS, 65_536)
+  monkeypatch.setattr(generate, "memory_budget", lambda: (1000, "a test budget"))
+  with pytest.raises(ValueError, match=r"lower --context or the number of prompts \(even 16 new tokens do not fit\)"):
+    gen.generate(PROMPTS, 16)
+
+
+@pytest.mark.parametrize("strategy", ["cache", "recompute"])
+def test_long_generations_past_the_context_still_run(strategy):
+  """2000 tokens from a RoPE model with a 64-token context: the cache ring and the recompute window slide."""
+  _, module, params = random_decoder(max_seq_len=64, attention_window=(16, 0))
+  out = generate.generate(module, params, PROMPTS[:2], 2000, strategy=strategy, seed=1,
+                          sampling=Sampling(temperature=0.8))
+  assert out.finish == ["length", "length"] and [len(t) for t in out.tokens] == [2000, 2000]
+
+
+def test_cli_position_bound_and_file_system_errors(decoder_dir, capsys, monkeypatch, no_verbose):
+  argv = ["--checkpoint", decoder_dir, "--prompt-ids", "1,2,3,4,5", "--stop-ids", "none"]
+  err = cli_error(capsys, argv + ["--max-new-tokens", "16777215"], 2)
+  assert "lower --max-new-tokens to at most 16,777,211" in err
+  config_json = os.path.join(decoder_dir, "config.json")
+  real_open = open
+
+  def unreadable(path, *args, **kwargs):
+    if str(path) == config_json:
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_open(path, *args, **kwargs)
+  monkeypatch.setattr(modeldir, "open", unreadable, raising=False)
+  assert cli_error(capsys, argv, 1) == f"error: {config_json}: permission denied\n"
+  assert generate.main(argv + ["--verbose"]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and err.endswith(f"error: {config_json}: permission denied\n")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
+def test_ctrl_c_stops_a_long_generation_with_exit_130(decoder_dir, capsys, monkeypatch, no_verbose, stream):
+  """Ctrl-C pressed once the loop runs (the main thread waits inside XLA) ends it within a few tokens: 10M
+  tokens would take minutes. No traceback, and no runtime error from the streaming callback."""
+  check, pressed = generate.StopOnInterrupt.__call__, []
+
+  def press_ctrl_c_once_decoding(self):  # the loop's first stop check
+    if not pressed:
+      pressed.append(os.kill(os.getpid(), signal.SIGINT))
+    return check(self)
+  monkeypatch.setattr(generate.StopOnInterrupt, "__call__", press_ctrl_c_once_decoding)
+  started = time.perf_counter()
+  argv = ["--checkpoint", decoder_dir, "--prompt-ids", "1,2,3", "--max-new-tokens", "10000000", "--stop-ids", "none",
+          "--stream" if stream else "--no-stream"]
+  assert generate.main(argv) == 130
+  assert pressed and time.perf_counter() - started < 60
+  err = capsys.readouterr().err
+  assert err.endswith("error: aborted (Ctrl-C)\n") and "Traceback" not in err

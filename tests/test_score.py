@@ -1,4 +1,5 @@
 """python -m jaxlm.score on converted fixtures: logits equal the original's, plus log-likelihood and perplexity."""
+import errno
 import json
 import math
 import os
@@ -120,3 +121,106 @@ def test_score_applies_hrm_reasoning_modes(tmp_path, capsys):
   capsys.readouterr()
   assert score.main(["--checkpoint", model, "--tokens", ids, "--out", str(explicit), "--mode", "ludicrous"]) == 2
   assert "unknown reasoning mode 'ludicrous'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ errors: one line, exit codes
+@pytest.fixture
+def run(hrom_dir, tmp_path, capsys, monkeypatch):
+  """score.main on the fixture's ids -> (exit code, stderr); --out is tmp_path/out/logits.npy."""
+  monkeypatch.delenv("JAXLM_VERBOSE", raising=False)
+
+  def call(*extra, out=None):
+    out = str(out or tmp_path / "out" / "logits.npy")
+    code = score.main(["--checkpoint", hrom_dir, "--tokens", os.path.join(HROM, "input_ids.npy"), "--out", out,
+                       *extra])
+    return code, capsys.readouterr().err
+  return call
+
+
+def test_out_of_range_values_are_refused(run):
+  assert run("--batch-size", "-1") == (2, "error: --batch-size=-1: must be an integer >= 0 (0 = all rows at once)\n")
+  assert run("--n-cycles", "0") == (2, "error: --n-cycles=0: must be an integer >= 1\n")
+
+
+def test_an_out_whose_parent_is_a_file_names_the_path(run, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  out = tmp_path / "file" / "logits.npy"
+  assert run(out=out) == (1, f"error: {out}: a path component is not a directory\n")
+
+
+def test_a_read_only_out_names_the_path(run, tmp_path, monkeypatch):
+  out = tmp_path / "out" / "logits.npy"
+  real_open = os.open
+
+  def read_only(path, *args, **kwargs):
+    if os.path.dirname(path) == str(out.parent):
+      raise OSError(errno.EROFS, "Read-only file system", path)
+    return real_open(path, *args, **kwargs)
+  monkeypatch.setattr(os, "open", read_only)
+  assert run() == (1, f"error: {out}: read-only file system\n")
+
+
+def test_outputs_get_the_usual_file_mode(run, tmp_path):
+  umask = os.umask(0o022)
+  try:
+    assert run()[0] == 0
+  finally:
+    os.umask(umask)
+  assert (tmp_path / "out" / "logits.npy").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_leaves_no_partial_output(run, tmp_path, monkeypatch):
+  out = tmp_path / "out" / "logits.npy"
+  out.parent.mkdir()
+  out.write_bytes(b"an earlier result")
+  real_save = np.save
+
+  def disk_fills_up(file, array, *args, **kwargs):
+    file.write(b"\x93NUMPY partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(np, "save", disk_fills_up)
+  assert run() == (1, f"error: {out}: no space left on the device\n")
+  assert os.listdir(out.parent) == ["logits.npy"] and out.read_bytes() == b"an earlier result"
+  code, err = run("--verbose")
+  assert code == 1 and "Traceback (most recent call last)" in err and "disk_fills_up" in err
+  # The second output failing leaves neither.
+  calls = []
+
+  def second_fails(file, array, *args, **kwargs):
+    calls.append(array.shape)
+    if len(calls) == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    real_save(file, array, *args, **kwargs)
+  monkeypatch.setattr(np, "save", second_fails)
+  out.unlink()
+  lp = tmp_path / "out" / "lp.npy"
+  assert run("--log-probs", str(lp)) == (1, f"error: {lp}: no space left on the device\n")
+  assert os.listdir(out.parent) == []
+
+
+def test_unreadable_inputs_name_the_path(run, hrom_dir, monkeypatch):
+  config_json = os.path.join(hrom_dir, "config.json")
+  real_open = open
+
+  def unreadable(path, *args, **kwargs):
+    if str(path) == config_json:
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_open(path, *args, **kwargs)
+  monkeypatch.setattr(modeldir, "open", unreadable, raising=False)
+  assert run() == (1, f"error: {config_json}: permission denied\n")
+  monkeypatch.undo()
+  monkeypatch.delenv("JAXLM_VERBOSE", raising=False)
+  ids = os.path.join(HROM, "input_ids.npy")
+
+  def unreadable_ids(path, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", path)
+  monkeypatch.setattr(np, "load", unreadable_ids)
+  assert run() == (1, f"error: {ids}: permission denied\n")
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(run, tmp_path, monkeypatch):
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(score, "score", interrupted)
+  assert run() == (130, "error: aborted (Ctrl-C)\n")
+  assert not (tmp_path / "out").exists()
