@@ -2,10 +2,8 @@
 test_multiprocess.py)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -111,32 +109,6 @@ def test_batch_not_divisible_by_data_shards_is_refused(tmp_path):
   c.opt.grad_accum = 3
   with pytest.raises(ValueError, match="batch_size=8 is not divisible by opt.grad_accum=3"):
     trainer.train_and_evaluate(c, str(tmp_path))
-
-
-@pytest.mark.slow
-def test_cli_sigterm_saves_and_the_same_command_resumes(tmp_path):
-  workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "jaxlm.train", "--config", TINY, "--workdir", str(workdir),
-         "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
-         "--config.model.d_ff=64", "--config.train.steps=400", "--config.train.log_every=5",
-         "--config.train.eval_every=200", "--config.train.save_every=1000", "--config.train.sample_tokens=30",
-         "--config.data.eval_batches=2"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  output = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 75, output[-3000:]  # interrupted and saved: "try again"
-  assert "interrupted" in output
-  stopped_at = RunCheckpointer(str(workdir)).latest_step()
-  assert 10 <= stopped_at < 400
-  output = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
-  assert "finished at step 400" in output and "sample" in output
-  steps = [s for s, _ in losses(workdir)]
-  assert steps == sorted(set(steps)) and steps[-1] == 400
 
 
 def test_cli_names_unknown_override_fields():
