@@ -115,7 +115,7 @@ class RunCheckpointer:
     try:
       meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001: whatever Orbax raises for damaged files
-      raise CheckpointUnusable(f"{self.step_dir(step)}: its metadata cannot be read ({errors.describe(e)})") from e
+      raise CheckpointUnusable(f"{self.step_dir(step)}: its metadata cannot be read ({errors.root_cause(e)})") from e
     if not isinstance(meta, dict) or "model" not in meta:
       raise CheckpointUnusable(f"{self.step_dir(step)}: its metadata is not a jaxlm checkpoint's")
     return meta
@@ -127,7 +127,7 @@ class RunCheckpointer:
     try:
       restored = self.latest.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointUnusable(f"{self.step_dir(step)}: cannot be restored ({errors.describe(e)})") from e
+      raise CheckpointUnusable(f"{self.step_dir(step)}: cannot be restored ({errors.root_cause(e)})") from e
     recorded = restored["meta"].get("checksums")
     if recorded is not None:
       _verify(self.step_dir(step), recorded, checksum.device_checksums(restored["state"])[0])
@@ -176,7 +176,7 @@ def restore_for_inference(workdir: str, which: str = "latest") -> Tuple[Dict[str
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                              meta=ocp.args.JsonRestore()))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointUnusable(f"{fs.join(directory, str(step))}: cannot be restored ({errors.describe(e)})") from e
+    raise CheckpointUnusable(f"{fs.join(directory, str(step))}: cannot be restored ({errors.root_cause(e)})") from e
   finally:
     manager.close()
   params = jax.tree.map(np.asarray, restored["state"]["params"])

@@ -9,12 +9,14 @@ checkpoint.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
 import sys
 import threading
 import traceback
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 EXIT_OK = 0
@@ -68,14 +70,7 @@ def _embedded_os_error(e: BaseException) -> Optional[Tuple[str, int]]:
 
 def _root_os_error(e: BaseException) -> Optional[OSError]:
   """The OSError behind `e` (libraries wrap them in their own exceptions), or None."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno is not None:
-      return e
-    # `raise X from None` says the context does not explain X: respect it
-    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-  return None
+  return next((x for x in _chain(e) if isinstance(x, OSError) and x.errno is not None), None)
 
 
 def describe(e: BaseException) -> str:
@@ -85,21 +80,41 @@ def describe(e: BaseException) -> str:
     return os_error_line(os_error)
   if os_error is not None:  # no path in the OSError: the message that wrapped it says where
     return f"{_first_line(e)}: {os_error_line(os_error)}"
-  embedded = _embedded_os_error(e)
+  chain = _chain(e)
+  embedded = next((found for found in map(_embedded_os_error, chain) if found), None)
   if embedded is not None:
     path, code = embedded
-    return os_error_line(OSError(code, os.strerror(code), path or None))
+    line = os_error_line(OSError(code, os.strerror(code), path or None))
+    return line if chain[0] is not None and _embedded_os_error(e) else f"{_first_line(e)}: {line}"
   return _first_line(e)
+
+
+def _chain(e: BaseException) -> list:
+  """`e` and the exceptions that caused it, outermost first (respecting `raise ... from None`)."""
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+  return chain
+
+
+def root_cause(e: BaseException) -> str:
+  """One line for the innermost exception behind `e`: what a library's wrapper ("error while reading array
+  index") was caused by ("OUT_OF_RANGE: Error reading ... file ...")."""
+  return describe(_chain(e)[-1])
 
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
+  line = text[0] if text else type(e).__name__
+  return line.split(" See full TensorStore details")[0]  # the rest is a dump of the store's spec
 
 
 def exit_code(e: BaseException) -> int:
   """2 for bad input, 1 for a failure while running."""
-  if (_root_os_error(e) is not None and not isinstance(e, FileNotFoundError)) or _embedded_os_error(e):
+  if ((_root_os_error(e) is not None and not isinstance(e, FileNotFoundError))
+      or any(map(_embedded_os_error, _chain(e)))):
     return EXIT_FAILURE
   if isinstance(e, (ValueError, FileNotFoundError, KeyError, TypeError)):
     return EXIT_USAGE
@@ -134,11 +149,16 @@ class _QuietReports(logging.Filter):
     sys.excepthook = self.hide  # what C extensions' callbacks print through PyErr_Print
     threading.excepthook = self.hide
     sys.unraisablehook = self.hide
+    self._warnings = warnings.catch_warnings()
+    self._warnings.__enter__()
+    # Abandoned reads of a damaged checkpoint leave coroutines that Python warns about when they are collected.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
   def uninstall(self) -> None:
     for handler in self._handlers:
       handler.removeFilter(self)
     sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
+    self._warnings.__exit__(None, None, None)
 
 
 def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -> int:
@@ -161,6 +181,7 @@ def run_command(main: Callable[[], int], argv: Optional[Sequence[str]] = None) -
     return exit_code(e)
   finally:
     if quiet is not None:
+      gc.collect()  # failed asynchronous writes report themselves when collected: while the filter still counts
       quiet.uninstall()
       if quiet.hidden:
         print(f"({quiet.hidden} error report(s) from libraries and background threads hidden; --verbose or "
