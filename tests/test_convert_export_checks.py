@@ -2,7 +2,7 @@
 
 - A model whose compatibility flags differ from what the target original computes is refused with one line
   (nothing written, --out untouched); --allow-different-computation writes it with a record of the differences.
-- Imported originals (tests/fixtures and ../shared/reference/<family>/perturbed) go back without the flag.
+- Imported originals (tests/fixtures/<family> and its perturbed/ twin) go back without the flag.
 - --out ending in a separator, or naming a directory, gets the original's own file name inside it.
 - File-system failures: one line naming the path, exit code 1 (2 for bad input), no traceback unless --verbose,
   --out untouched.
@@ -26,7 +26,7 @@ from jaxlm import modeldir  # noqa: E402
 from checkpoint_compare import assert_identical  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # copies of ../shared/reference
 EPS_F32 = float(np.finfo(np.float32).eps)
 SMALL = dict(vocab_size=40, d_model=32, max_seq_len=32)
 # Per target format: a small model that computes what the original computes ...
@@ -168,9 +168,7 @@ PERTURBED = {"hrom": "hrom_20261125_133958_step0.pt", "optimus_prime": "best_mod
 
 @pytest.mark.parametrize("family", sorted(PERTURBED))
 def test_perturbed_reference_round_trips_without_the_flag(family, tmp_path):
-  folder = os.path.join(REFERENCE, family, "perturbed")
-  if not os.path.isdir(folder):
-    pytest.skip(f"{folder} is not here")
+  folder = os.path.join(FIXTURES, family, "perturbed")
   src = folder if family == "hrm_text1" else os.path.join(folder, PERTURBED[family])
   imported = api.torch2jax(src, str(tmp_path / "model"), family=family)
   out = api.jax2torch(imported, str(tmp_path / "export") + os.sep)  # a folder: the original's own file names
