@@ -102,13 +102,16 @@ class RunCheckpointer:
                                                    meta=ocp.args.JsonSave({**meta, "checksums": sums})),
                      force=True)
 
-  def save_best(self, step: int, params: Any, meta: Dict[str, Any]) -> None:
+  def save_best(self, step: int, state: Any, meta: Dict[str, Any]) -> None:
+    """Saves `state.params` as the best so far. Checksummed through the whole state: the same compiled program
+    as `save`, the parameters' entries kept."""
     if step in self.best.all_steps():
       return
-    sums, finite = checksum.device_checksums({"params": params})
+    sums, finite = checksum.device_checksums(state)
     if not finite:
       raise NonFiniteState(f"refusing to save the best parameters of step {step}: they hold NaN or Inf values")
-    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+    sums = {k: v for k, v in sums.items() if k.startswith("params/")}
+    self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": state.params}),
                                                  meta=ocp.args.JsonSave({**meta, "checksums": sums})), force=True)
 
   def read_meta(self, step: int) -> Dict[str, Any]:

@@ -363,7 +363,7 @@ class Trainer:
     self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
     if eval_loss < self.run_meta["best_eval_loss"]:  # never true for NaN
       self.run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
-      self.checkpointer.save_best(step, self.state.params, self._meta(step))
+      self.checkpointer.save_best(step, self.state, self._meta(step))
       return False
     self.run_meta["bad_evals"] += 1
     if self.tc.patience and self.run_meta["bad_evals"] >= self.tc.patience:

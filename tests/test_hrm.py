@@ -259,7 +259,7 @@ def test_act_with_per_position_halting_is_causal(params):
 
 
 # ------------------------------------------------------------------------------------------ compile time
-def test_compile_time_does_not_grow_with_reasoning_mode(params):
+def test_compile_time_does_not_grow_with_reasoning_mode(params, no_compilation_cache):
   """Same program for every N and T (fast 1x1 vs extreme 6x4), for inference and one-step training.
   Measured again once if the first pair is off (the machine may be busy)."""
   ids = tokens(b=2, t=16)

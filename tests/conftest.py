@@ -1,0 +1,28 @@
+"""Session-wide test settings.
+
+Many tests train the same small models in this process; JAX's persistent compilation cache (in a fresh directory
+per session, so nothing carries over between runs) lets a program compiled by one test be reused by the next
+instead of compiled again. Subprocess tests share a cache of their own (tests/multiprocess.py).
+"""
+import shutil
+import tempfile
+
+import jax
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="jaxlm-test-session-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_compilation_cache():
+  """For tests that time compilation: every program really compiles."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
