@@ -1,0 +1,191 @@
+"""Mutation check: does the test suite fail when the code is broken the way a refactor could break it?
+
+  python bench/mutants.py                 # every mutation (about 20-40 minutes on 2 cores)
+  python bench/mutants.py --only safety   # the mutations whose name contains 'safety'
+  python bench/mutants.py --list
+
+Each mutation replaces one exact snippet of one source file (the snippet must occur exactly once, so a mutation
+that no longer applies is reported, not silently skipped). For each, a scratch copy of the working tree is
+made, the mutation applied, and the test files that guard that code are run (`pytest -x`); the mutation is
+"caught" when they fail. Prints one row per mutation and, last, `N caught, M missed`. Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  name: str
+  what: str                      # the bug it plants, in words
+  edits: Tuple[Tuple[str, str, str], ...]   # (file, exact old snippet, new snippet)
+  tests: Tuple[str, ...]         # test files (or node ids) that must catch it
+
+
+def m(name, what, tests, *edits):
+  return Mutation(name, what, tuple(edits), tuple(tests))
+
+
+MUTATIONS: List[Mutation] = [
+    m("hrm-converter-swaps-norms", "HRM converter swaps a block's two norm weights, on import and on export",
+      ["tests/test_convert_hrm.py"],
+      ("convert/hrm.py", 'j + "attn_norm/scale": state[p + "norm1.weight"], j + "mlp_norm/scale": state[p + "norm2.weight"]',
+       'j + "attn_norm/scale": state[p + "norm2.weight"], j + "mlp_norm/scale": state[p + "norm1.weight"]'),
+      ("convert/hrm.py", '(p + "norm1.weight", params[j + "attn_norm/scale"]), (p + "norm2.weight", params[j + "mlp_norm/scale"])',
+       '(p + "norm1.weight", params[j + "mlp_norm/scale"]), (p + "norm2.weight", params[j + "attn_norm/scale"])')),
+    m("hrm_text1-converter-swaps-norms", "HRM-Text1 converter swaps a block's two norm weights, both directions",
+      ["tests/test_convert_hrm_text1.py"],
+      ("convert/hrm_text1.py", 'params[j + "norm1/scale"] = stack(lambda i: t(i, "norm1.weight"))\n'
+                               '    params[j + "norm2/scale"] = stack(lambda i: t(i, "norm2.weight"))',
+       'params[j + "norm1/scale"] = stack(lambda i: t(i, "norm2.weight"))\n'
+       '    params[j + "norm2/scale"] = stack(lambda i: t(i, "norm1.weight"))'),
+      ("convert/hrm_text1.py", 'items.append((p + "norm1.weight", layer[j + "norm1/scale"][i]))',
+       'items.append((p + "norm1.weight", layer[j + "norm2/scale"][i]))'),
+      ("convert/hrm_text1.py", '(p + "norm2.weight", layer[j + "norm2/scale"][i]),',
+       '(p + "norm2.weight", layer[j + "norm1/scale"][i]),')),
+    m("hrm-halt-target-inverted", "HRM's Q-halt head is trained towards 'wrong' instead of 'correct'",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "optax.sigmoid_binary_cross_entropy(q[..., 0], correct)",
+       "optax.sigmoid_binary_cross_entropy(q[..., 0], 1.0 - correct)")),
+    m("hrm-supervision-last-segment-only", "HRM's deep supervision keeps only the last segment's LM loss",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "lm = jnp.sum(_lm_losses(logits, targets, c.loss_fn) * weights * token_active)",
+       "lm = jnp.sum(_lm_losses(logits, targets, c.loss_fn) * weights * token_active) * (s == m - 1)")),
+    m("hrm-batch-never-halts-early", "HRM's batch halting (the original's) never halts before the step cap",
+      ["tests/test_hrm.py", "tests/test_convert_hrm.py"],
+      ("jaxlm/models/hrm.py", "want = jnp.broadcast_to(jnp.all(want | halted), want.shape)",
+       "want = jnp.zeros_like(want)")),
+    m("dropout-key-rebased-at-resume", "the dropout key restarts from the resumed step instead of continuing",
+      ["tests/test_train.py"],
+      ("jaxlm/trainer.py", "self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)",
+       "self.state, step_metrics = self.step_fn(self.state, batch, jax.random.fold_in(self.base_rng, self.start_step))")),
+    m("resume-data-position", "a resumed run reads its data from the wrong batch",
+      ["tests/test_train.py"],
+      ("jaxlm/trainer.py", 'int(saved_meta.get("data_position", self.start_step))',
+       'int(saved_meta.get("data_position", self.start_step)) + 1')),
+    m("grad-accumulation-drops-microbatches", "gradient accumulation keeps only the last microbatch",
+      ["tests/test_train.py"],
+      ("jaxlm/steps.py", "return jax.tree.map(jnp.add, acc, (out, grads)), None", "return (out, grads), None")),
+    m("safety-no-left-boundary", "the blocklist matches inside words ('a skill' blocked as 'kill')",
+      ["tests/test_chat.py", "tests/test_safety.py"],
+      ("jaxlm/safety.py", 'rf"(?<!\\w)(?:{alternatives})(?!\\w)"', 'rf"(?:{alternatives})(?!\\w)"')),
+    m("safety-one-space-phrases", "a blocked phrase matches only with exactly one space between its words",
+      ["tests/test_chat.py", "tests/test_safety.py"],
+      ("jaxlm/safety.py", 'alternatives = "|".join(r"\\s+".join(', 'alternatives = "|".join(" ".join(')),
+    m("temperature-multiplies", "sampling multiplies the logits by the temperature instead of dividing",
+      ["tests/test_generate.py", "tests/test_sampling.py"],
+      ("jaxlm/sampling.py", "logits = logits / values[\"temperature\"]", "logits = logits * values[\"temperature\"]")),
+    m("top-k-keeps-one-more", "top-k keeps k + 1 tokens",
+      ["tests/test_generate.py", "tests/test_sampling.py"],
+      ("jaxlm/sampling.py", "kth_B = jnp.take(sorted_BxV, jnp.clip(top_k, 1, v) - 1, axis=-1)",
+       "kth_B = jnp.take(sorted_BxV, jnp.clip(top_k, 1, v - 1), axis=-1)")),
+    m("top-p-off-by-one", "top-p keeps one token fewer than the nucleus",
+      ["tests/test_generate.py", "tests/test_sampling.py"],
+      ("jaxlm/sampling.py", "n_keep_B = jnp.maximum(jnp.sum(mass_before <= top_p, axis=-1), 1)",
+       "n_keep_B = jnp.maximum(jnp.sum(mass_before <= top_p, axis=-1) - 1, 1)")),
+    m("causal-mask-off", "causal attention sees later tokens",
+      ["tests/test_layers.py"],
+      ("jaxlm/models/layers.py", "  if causal:\n", "  if False:\n")),
+    m("rope-base", "the RoPE base is 1.3x what the config says",
+      ["tests/test_layers.py", "tests/test_convert_families.py"],
+      ("jaxlm/models/layers.py", "return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))",
+       "return 1.0 / ((1.3 * theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))")),
+    m("rms-norm-eps", "RMSNorm uses 10x the configured epsilon",
+      ["tests/test_layers.py", "tests/test_convert_families.py"],
+      ("jaxlm/models/layers.py", "y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)",
+       "y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 10 * self.eps)")),
+    m("kv-cache-position", "the KV cache records each key one position late",
+      ["tests/test_generate.py"],
+      ("jaxlm/kv_cache.py", "pos_BxS=put(self.pos_BxS, positions_BxT.astype(jnp.int32)))",
+       "pos_BxS=put(self.pos_BxS, positions_BxT.astype(jnp.int32) + 1))")),
+    m("checkpoint-not-verified", "restoring skips the checksum verification",
+      ["tests/test_reliability.py"],
+      ("jaxlm/checkpoint.py", "    if recorded is not None:\n      _verify(self.step_dir(step),",
+       "    if False:\n      _verify(self.step_dir(step),")),
+    m("nonfinite-update-applied", "a NaN/Inf update reaches the parameters",
+      ["tests/test_reliability.py"],
+      ("jaxlm/steps.py", "keep_if_bad = lambda new, old: jnp.where(finite, new, old)", "keep_if_bad = lambda new, old: new")),
+    m("process-rows-ignored", "every process reads the whole global batch",
+      ["tests/test_distributed.py"],
+      ("jaxlm/data/pipeline.py", "    if self.rows is not None:\n      starts = starts[self.rows]\n", "")),
+]
+
+
+def _copy_tree(dest: str) -> None:
+  """The files git knows (tracked, and untracked but not ignored), as they are in the working tree."""
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                          capture_output=True, check=True).stdout.decode().split("\0")
+  for rel in filter(None, listed):
+    src = os.path.join(ROOT, rel)
+    if os.path.isfile(src):
+      os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+      shutil.copy2(src, os.path.join(dest, rel))
+
+
+def _apply(tree: str, mutation: Mutation) -> None:
+  for rel, old, new in mutation.edits:
+    path = os.path.join(tree, rel)
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    if text.count(old) != 1:
+      raise ValueError(f"{mutation.name}: the snippet occurs {text.count(old)} times in {rel} (must be once): {old!r}")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text.replace(old, new))
+
+
+def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
+  """('caught' | 'missed' | 'stale', seconds, the first failing test or why)."""
+  with tempfile.TemporaryDirectory(prefix="jaxlm-mutant-") as tree:
+    _copy_tree(tree)
+    try:
+      _apply(tree, mutation)
+    except ValueError as e:
+      return "stale", 0.0, str(e)
+    tests = [t for t in mutation.tests if os.path.exists(os.path.join(tree, t.split("::")[0]))]
+    env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    try:
+      out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree,
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return "caught", time.perf_counter() - start, f"timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - start
+    failed = next((line.split(" ")[1] for line in out.stdout.splitlines() if line.startswith("FAILED ")), "")
+    if out.returncode == 0:
+      return "missed", seconds, f"{' '.join(tests)} pass"
+    return "caught", seconds, failed or out.stdout.strip().splitlines()[-1][:120]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--only", help="run the mutations whose name contains this")
+  parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+  parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run")
+  args = parser.parse_args(argv)
+  chosen = [mu for mu in MUTATIONS if not args.only or args.only in mu.name]
+  if args.list:
+    for mu in chosen:
+      print(f"{mu.name:38s} {mu.what}  [{', '.join(mu.tests)}]")
+    return 0
+  counts = {"caught": 0, "missed": 0, "stale": 0}
+  for mu in chosen:
+    verdict, seconds, detail = run(mu, args.timeout)
+    counts[verdict] += 1
+    print(f"{mu.name:38s} {verdict:7s} {seconds:6.0f} s  {detail}", flush=True)
+  line = f"{counts['caught']} caught, {counts['missed']} missed"
+  print(line + (f", {counts['stale']} no longer apply" if counts["stale"] else ""))
+  return 0 if counts["missed"] == counts["stale"] == 0 else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
