@@ -29,7 +29,7 @@ class Mutation:
   name: str
   what: str                      # the bug it plants, in words
   edits: Tuple[Tuple[str, str, str], ...]   # (file, exact old snippet, new snippet)
-  tests: Tuple[str, ...]         # test files (or node ids) that must catch it
+  tests: Tuple[str, ...]         # test files or node ids that must catch it (pytest options like -k pass through)
 
 
 def m(name, what, tests, *edits):
@@ -100,6 +100,20 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_layers.py", "tests/test_convert_families.py"],
       ("jaxlm/models/layers.py", "return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))",
        "return 1.0 / ((1.3 * theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))")),
+    m("rope-base-hrom", "HROM's RoPE base is 1.3x the checkpoint's (HROM's own tests only)",
+      ["tests/test_convert_families.py", "tests/test_score.py", "tests/test_generate.py", "-k", "hrom"],
+      ("jaxlm/models/layers.py", "return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))",
+       "return 1.0 / ((1.3 * theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))")),
+    m("layernorm-eps-hrom", "LayerNorm (HROM) uses 10x the configured epsilon (HROM's own tests only)",
+      ["tests/test_convert_families.py", "tests/test_score.py", "tests/test_generate.py", "-k", "hrom"],
+      ("jaxlm/models/layers.py", "y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)",
+       "y = (x32 - mean) * jax.lax.rsqrt(var + 10 * self.eps)")),
+    m("hrm-norm-position", "HRM's post-norm blocks normalise before the sublayer instead of after",
+      ["tests/test_hrm.py", "tests/test_convert_hrm.py"],
+      ("jaxlm/models/hrm.py", "      x_BxTxD = attn_norm(x_BxTxD + attn(x_BxTxD, positions_BxT, mask_Bx1xTxS))\n"
+                              "      return mlp_norm(x_BxTxD + mlp(x_BxTxD))",
+       "      x_BxTxD = x_BxTxD + attn(attn_norm(x_BxTxD), positions_BxT, mask_Bx1xTxS)\n"
+       "      return x_BxTxD + mlp(mlp_norm(x_BxTxD))")),
     m("rms-norm-eps", "RMSNorm uses 10x the configured epsilon",
       ["tests/test_layers.py", "tests/test_convert_families.py"],
       ("jaxlm/models/layers.py", "y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)",
@@ -151,7 +165,7 @@ def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
       _apply(tree, mutation)
     except ValueError as e:
       return "stale", 0.0, str(e)
-    tests = [t for t in mutation.tests if os.path.exists(os.path.join(tree, t.split("::")[0]))]
+    tests = [t for t in mutation.tests if t.startswith("-") or os.path.exists(os.path.join(tree, t.split("::")[0]))]
     env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
     start = time.perf_counter()
     try:
