@@ -82,6 +82,9 @@ MUTATIONS: List[Mutation] = [
     m("safety-one-space-phrases", "a blocked phrase matches only with exactly one space between its words",
       ["tests/test_chat.py", "tests/test_safety.py"],
       ("jaxlm/safety.py", 'alternatives = "|".join(r"\\s+".join(', 'alternatives = "|".join(" ".join(')),
+    m("safety-no-right-boundary", "the blocklist matches the start of longer words ('killer' blocked as 'kill')",
+      ["tests/test_chat.py", "tests/test_safety.py"],
+      ("jaxlm/safety.py", 'rf"(?<!\\w)(?:{alternatives})(?!\\w)"', 'rf"(?<!\\w)(?:{alternatives})"')),
     m("temperature-multiplies", "sampling multiplies the logits by the temperature instead of dividing",
       ["tests/test_generate.py", "tests/test_sampling.py"],
       ("jaxlm/sampling.py", "logits = logits / values[\"temperature\"]", "logits = logits * values[\"temperature\"]")),
@@ -93,6 +96,20 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_generate.py", "tests/test_sampling.py"],
       ("jaxlm/sampling.py", "n_keep_B = jnp.maximum(jnp.sum(mass_before <= top_p, axis=-1), 1)",
        "n_keep_B = jnp.maximum(jnp.sum(mass_before <= top_p, axis=-1) - 1, 1)")),
+    m("tied-head-own-table", "a tied model's output head reads a table of its own instead of the embedding",
+      ["tests/test_layers.py"],
+      ("jaxlm/models/decoder.py", "logits = embed.attend(x_BxTxD)",
+       'logits = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="head_table", embedding_init=layers._init('
+       'c.embed_init_std, (layers.VOCAB, layers.EMBED))).attend(x_BxTxD)')),
+    m("tied-head-no-gradient", "a tied model's output head does not train the embedding table",
+      ["tests/test_layers.py"],
+      ("jaxlm/models/decoder.py", "logits = embed.attend(x_BxTxD)",
+       "logits = jnp.einsum('btd,vd->btv', x_BxTxD, jax.lax.stop_gradient(embed.embedding))")),
+    m("grad-accumulation-drops-microbatch-grads",
+      "gradient accumulation sums every microbatch's loss but keeps only the last one's gradient",
+      ["tests/test_train.py::test_grad_accumulation_equals_one_big_batch"],
+      ("jaxlm/steps.py", "return jax.tree.map(jnp.add, acc, (out, grads)), None",
+       "return (jax.tree.map(jnp.add, acc[0], out), grads), None")),
     m("causal-mask-off", "causal attention sees later tokens",
       ["tests/test_layers.py"],
       ("jaxlm/models/layers.py", "  if causal:\n", "  if False:\n")),
@@ -158,14 +175,19 @@ def _apply(tree: str, mutation: Mutation) -> None:
 
 
 def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
-  """('caught' | 'missed' | 'stale', seconds, the first failing test or why)."""
+  """('caught' | 'missed' | 'stale' | 'error', seconds, the first failing test or why). Failed tests, collection
+  errors or a timeout are a catch; a pytest usage error or an empty selection is an error, not a catch."""
   with tempfile.TemporaryDirectory(prefix="jaxlm-mutant-") as tree:
     _copy_tree(tree)
     try:
       _apply(tree, mutation)
     except ValueError as e:
       return "stale", 0.0, str(e)
-    tests = [t for t in mutation.tests if t.startswith("-") or os.path.exists(os.path.join(tree, t.split("::")[0]))]
+    tests, takes_value = [], False
+    for t in mutation.tests:  # test files that exist in this tree, and every pytest option with its value
+      if takes_value or t.startswith("-") or os.path.exists(os.path.join(tree, t.split("::")[0])):
+        tests.append(t)
+      takes_value = t in ("-k", "-m")
     env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
     start = time.perf_counter()
     try:
@@ -177,6 +199,9 @@ def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
     failed = next((line.split(" ")[1] for line in out.stdout.splitlines() if line.startswith("FAILED ")), "")
     if out.returncode == 0:
       return "missed", seconds, f"{' '.join(tests)} pass"
+    if out.returncode not in (1, 2):  # failed tests or collection errors; a usage error (4) or nothing collected
+      text = (out.stdout + out.stderr).strip()  # (5) is not a catch
+      return "error", seconds, text.splitlines()[-1][:120] if text else f"pytest exit {out.returncode}"
     return "caught", seconds, failed or out.stdout.strip().splitlines()[-1][:120]
 
 
@@ -191,14 +216,16 @@ def main(argv=None) -> int:
     for mu in chosen:
       print(f"{mu.name:38s} {mu.what}  [{', '.join(mu.tests)}]")
     return 0
-  counts = {"caught": 0, "missed": 0, "stale": 0}
+  counts = {"caught": 0, "missed": 0, "stale": 0, "error": 0}
   for mu in chosen:
     verdict, seconds, detail = run(mu, args.timeout)
     counts[verdict] += 1
     print(f"{mu.name:38s} {verdict:7s} {seconds:6.0f} s  {detail}", flush=True)
   line = f"{counts['caught']} caught, {counts['missed']} missed"
-  print(line + (f", {counts['stale']} no longer apply" if counts["stale"] else ""))
-  return 0 if counts["missed"] == counts["stale"] == 0 else 1
+  extra = [f"{counts['stale']} no longer apply"] * bool(counts["stale"]) + [f"{counts['error']} errors"] * bool(
+      counts["error"])
+  print(line + "".join(", " + e for e in extra))
+  return 0 if counts["missed"] == counts["stale"] == counts["error"] == 0 else 1
 
 
 if __name__ == "__main__":

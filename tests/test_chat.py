@@ -1,4 +1,5 @@
-"""jaxlm.chat driven through a pipe, its dialogue history, and the word-boundary safety filter."""
+"""jaxlm.chat driven through a pipe, its dialogue history, and the safety filter applied to input and replies (the
+filter's own matching rules: test_safety.py)."""
 import io
 import os
 import signal
@@ -11,7 +12,6 @@ import pytest
 from flax import traverse_util
 
 from jaxlm import chat, generate, modeldir
-from jaxlm.safety import Blocklist, StreamGuard, read_blocklist, DEFAULT_BLOCKLIST
 
 CHARS = sorted(set(" !.,?'<>/" + string.ascii_letters + string.digits))
 # After "<assistant>" the model says " ok.</s>": a bigram chain; every other character leads to " ".
@@ -95,32 +95,6 @@ def test_dialogue_history_drops_the_oldest_turns_first(dialogue_dir):
   assert text.endswith("<user> last</s><assistant>")
   assert fmt.prompt([], enc(" x"), budget=200) == enc("<s><user> x</s><assistant>")
   assert fmt.stop_text == "</s>"
-
-
-# ------------------------------------------------------------------------------ safety
-def test_blocklist_matches_whole_words_case_insensitively():
-  words = Blocklist(read_blocklist(DEFAULT_BLOCKLIST) + ["hate you"])
-  assert words.find("Skills, killers and harmony") is None
-  assert words.find("I will KILL.") == "KILL"
-  assert words.find("harm") == "harm"
-  assert words.find("i  hate\tyou!") in ("hate\tyou", "hate")
-  assert Blocklist([]).find("kill") is None
-
-
-def test_stream_guard_never_releases_a_blocked_word():
-  guard = StreamGuard(Blocklist(["harm"]))
-  text, shown, hit = "we harmonize harm now", "", None
-  for end in range(1, len(text) + 1):
-    new, hit = guard.feed(text[:end])
-    shown += new
-    if hit:
-      break
-  assert hit == "harm" and shown == "we harmonize " and end == len("we harmonize harm ")
-  guard = StreamGuard(Blocklist(["hate you"]))
-  shown = "".join(guard.feed(t)[0] for t in ("I hate", "I hate yo", "I hate yours ")) + guard.feed("I hate yours ok", final=True)[0]
-  assert shown == "I hate yours ok" and guard.hit is None
-  guard = StreamGuard(Blocklist(["hate you"]))
-  assert guard.feed("I hate ")[0] == "I " and guard.feed("I hate you", final=True) == ("", "hate you")
 
 
 # ------------------------------------------------------------------------------ ending: EOF, Ctrl-C, bad values

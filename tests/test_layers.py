@@ -1,4 +1,5 @@
 """Layer invariants: causality by gradient, GQA = MHA with repeated kv heads, mask definitions, RoPE."""
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -181,9 +182,27 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def test_tied_embeddings_share_the_table():
-  _, model = build_model(dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32, tie_embeddings=True))
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  assert "head" not in params
+  """One [V, D] table serves the input embedding and the output head: the params tree holds it once, a loss that
+  reaches the table only through the head puts its gradient there, and the head's logits are x . table[v]."""
+  v, hidden = 37, 16  # V appears in no other parameter's shape
+  _, model = build_model(dict(vocab_size=v, d_model=hidden, n_layers=1, n_heads=2, d_ff=32, tie_embeddings=True))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  assert [k for k, a in flat.items() if v in a.shape] == ["embed/embedding"] and "head" not in params
+  assert flat["embed/embedding"].shape == (v, hidden)
   tokens = jnp.array([[1, 2, 3]])
-  logits = model.apply({"params": params}, tokens)
-  assert logits.shape == (1, 3, 32) and logits.dtype == jnp.float32
+  apply = jax.jit(lambda p: model.apply({"params": p}, tokens))
+  logits = apply(params)
+  assert logits.shape == (1, 3, v) and logits.dtype == jnp.float32
+
+  # row 7 is no input token: only the head reads it, so its gradient (and logit 7) come from the head alone
+  grads = jax.jit(jax.grad(lambda p: apply(p)[0, -1, 7]))(params)
+  grad_table = np.asarray(grads["embed"]["embedding"])
+  assert np.abs(grad_table[7]).sum() > 0
+  assert np.all(grad_table[[i for i in range(v) if i not in (1, 2, 3, 7)]] == 0)
+  # the head is x . table[v]: give row 7 the contents of row 5 and logit 7 becomes logit 5, nothing else moves
+  table = params["embed"]["embedding"]
+  swapped = apply(dict(params, embed={"embedding": table.at[7].set(table[5])}))
+  np.testing.assert_allclose(swapped[..., 7], logits[..., 5], rtol=1e-6, atol=1e-6)
+  others = [i for i in range(v) if i != 7]
+  np.testing.assert_allclose(swapped[..., others], logits[..., others], rtol=1e-6, atol=1e-6)

@@ -17,9 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "yinggem.py:tiny")
 
 
-def small_config(**train):
+def small_config(model=None, **train):
   c = load_config(TINY)
   c.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention_window=16, max_seq_len=16)
+  c.model.update(**(model or {}))
   c.data.update(eval_batches=2)
   c.opt.update(warmup_steps=2)
   c.train.update(steps=10, batch_size=8, seq_len=16, eval_every=5, save_every=5, log_every=1,
@@ -28,8 +29,8 @@ def small_config(**train):
   return c
 
 
-def losses(workdir):
-  return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+def losses(workdir, key="loss"):
+  return [(r["step"], r[key]) for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
 
 
 def test_short_run_writes_everything_and_learns(tmp_path):
@@ -54,24 +55,34 @@ def test_short_run_writes_everything_and_learns(tmp_path):
 
 
 def test_resume_gives_the_same_loss_trajectory(tmp_path):
-  full, split = tmp_path / "full", tmp_path / "split"
-  trainer.train_and_evaluate(small_config(steps=12), str(full))
-  first = trainer.train_and_evaluate(small_config(steps=12), str(split), stop_after_steps=7)
+  """With dropout on: the resumed run continues the dropout keys (fold_in(seed key, step), not restarted) and
+  the data (the batch after the last one trained) exactly where the interrupted run stopped."""
+  dropout = dict(dropout=0.2, attention_dropout=0.2)
+  full, split, plain = tmp_path / "full", tmp_path / "split", tmp_path / "no_dropout"
+  trainer.train_and_evaluate(small_config(dropout, steps=12), str(full))
+  first = trainer.train_and_evaluate(small_config(dropout, steps=12), str(split), stop_after_steps=7)
   assert first.interrupted is False and first.step == 7
-  second = trainer.train_and_evaluate(small_config(steps=12), str(split))
+  second = trainer.train_and_evaluate(small_config(dropout, steps=12), str(split))
   assert second.step == 12
   a, b = losses(full), losses(split)
   assert [s for s, _ in b] == list(range(1, 13))  # rows past the restored step were not duplicated
   np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=0, atol=1e-6)
+  # dropout is really on: without it the first step (same initial parameters, same batch) has another loss.
+  # (steps=3, no eval: the program test_grad_accumulation_equals_one_big_batch compiles too)
+  trainer.train_and_evaluate(small_config(steps=3, eval_every=0), str(plain), stop_after_steps=1)
+  assert abs(a[0][1] - losses(plain)[0][1]) > 1e-5
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
+  """Every microbatch counts: the loss and the gradient norm of each step equal those of the whole batch."""
   one = trainer.train_and_evaluate(small_config(steps=3, eval_every=0), str(tmp_path / "a"))
   c = small_config(steps=3, eval_every=0)
   c.opt.grad_accum = 4
   four = trainer.train_and_evaluate(c, str(tmp_path / "b"))
   np.testing.assert_allclose([l for _, l in losses(tmp_path / "a")], [l for _, l in losses(tmp_path / "b")],
                              atol=2e-5)
+  np.testing.assert_allclose([g for _, g in losses(tmp_path / "a", "grad_norm")],
+                             [g for _, g in losses(tmp_path / "b", "grad_norm")], rtol=1e-4)
   assert one.step == four.step == 3
 
 
