@@ -2,6 +2,7 @@
 
   python bench/mutants.py                 # every mutation (about 20-40 minutes on 2 cores)
   python bench/mutants.py --only safety   # the mutations whose name contains 'safety'
+  python bench/mutants.py --names rope-base,causal-mask-off
   python bench/mutants.py --list
 
 Each mutation replaces one exact snippet of one source file (the snippet must occur exactly once, so a mutation
@@ -65,6 +66,51 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_hrm.py", "tests/test_convert_hrm.py"],
       ("jaxlm/models/hrm.py", "want = jnp.broadcast_to(jnp.all(want | halted), want.shape)",
        "want = jnp.zeros_like(want)")),
+    m("hrm-bootstrap-current-segment", "HRM's Q-continue target bootstraps from the current segment's Q, not the next one's",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "q_next, q, correct, active = q[1:], q[:m], correct[:m], active[:m]",
+       "q_next, q, correct, active = q[:m], q[:m], correct[:m], active[:m]")),
+    m("hrm-bootstrap-never-last-step", "HRM's last-step Q-continue target is max(q_halt, q_continue), not q_halt",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "is_last = (jnp.arange(m) == m - 1)", "is_last = (jnp.arange(m) == m)")),
+    m("hrm-q-continue-dropped", "HRM's Q-learning loss loses its Q-continue (bootstrap) term",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "             + optax.sigmoid_binary_cross_entropy(q[..., 1], jax.lax.stop_gradient(target)))",
+       "             + 0.0 * q[..., 1])")),
+    m("hrm-full-grad-as-one-step", "HRM's grad_mode 'full' backpropagates like 'one_step'",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", 'if (grad_mode or c.grad_mode) == "full":', "if False:")),
+    m("hrm-act-state-not-detached", "HRM's ACT training backpropagates into earlier segments",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "new_l, new_h = mdl.segment(jax.lax.stop_gradient(z_l), jax.lax.stop_gradient(z_h), ctx)",
+       "new_l, new_h = mdl.segment(z_l, z_h, ctx)")),
+    m("hrm-halted-still-supervised", "HRM's deep supervision keeps the LM loss of halted examples",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "token_active = active if active.ndim == 2 else active[:, None]",
+       "token_active = jnp.ones_like(active) if active.ndim == 2 else jnp.ones_like(active)[:, None]")),
+    m("hrm-training-never-halts", "HRM's ACT training ignores the Q-head and always runs halt_max_steps segments",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py",
+       "want = jax.lax.stop_gradient(q_new[..., 0] > q_new[..., 1]) & (s + 1 >= min_steps) if c.q_learning else False",
+       "want = False")),
+    m("hrm-segments-summed-not-averaged", "HRM's deep supervision sums the segments' LM losses instead of averaging",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "objective = jnp.sum(lm) / m", "objective = jnp.sum(lm)")),
+    m("hrm-loop-trip-counts-visible", "HRM's N/T loops lose the barrier hiding their trip counts",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "n_dyn, t_dyn = jax.lax.optimization_barrier((jnp.int32(n), jnp.int32(t)))",
+       "n_dyn, t_dyn = jnp.int32(n), jnp.int32(t)")),
+    m("hrm-cycles-unrolled-in-python", "HRM's N cycles unrolled in Python (the program grows with N)",
+      ["tests/test_hrm.py"],
+      ("jaxlm/models/hrm.py", "    z_L, z_H = self._loop_cycles(z_L, z_H, ctx, n_dyn - 1, t_dyn)\n",
+       "    for _ in range(n - 1):\n      z_L = self._loop_l(z_L, z_H, ctx, t_dyn)\n      z_H = self.h_step(z_H, z_L, ctx)\n")),
+    m("hrm_text1-exit-one-step-late", "HRM-Text1's early exit tests the remainder before this step's halt",
+      ["tests/test_hrm_text1.py"],
+      ("jaxlm/models/hrm_text1.py", "halted = jnp.all((rem_next < c.halt_eps) | ~valid_BxT)",
+       "halted = jnp.all((rem < c.halt_eps) | ~valid_BxT)")),
+    m("hrm_text1-never-exits-early", "HRM-Text1's pondering never exits early",
+      ["tests/test_hrm_text1.py"],
+      ("jaxlm/models/hrm_text1.py", "go = active & ~halted", "go = active")),
     m("dropout-key-rebased-at-resume", "the dropout key restarts from the resumed step instead of continuing",
       ["tests/test_train.py"],
       ("jaxlm/trainer.py", "self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)",
@@ -208,10 +254,12 @@ def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", help="run the mutations whose name contains this")
+  parser.add_argument("--names", help="run exactly these mutations (comma-separated names)")
   parser.add_argument("--list", action="store_true", help="list the mutations and exit")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run")
   args = parser.parse_args(argv)
-  chosen = [mu for mu in MUTATIONS if not args.only or args.only in mu.name]
+  chosen = [mu for mu in MUTATIONS if (not args.only or args.only in mu.name)
+            and (not args.names or mu.name in args.names.split(","))]
   if args.list:
     for mu in chosen:
       print(f"{mu.name:38s} {mu.what}  [{', '.join(mu.tests)}]")

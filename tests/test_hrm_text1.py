@@ -5,12 +5,14 @@ full-size parameter count.
 The Python loop below follows SPEC.md line by line (real `break`s on concrete values) and calls the module's own
 block pair and halt head through `HRMLayer.apply`, so it checks the scan/masking machinery, not the blocks.
 """
+import collections
 import dataclasses
 import functools
 import os
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from jaxlm.models import build_model, layers
 from jaxlm.models.hrm_text1 import HRMLayer, HRMText1, HRMText1Config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hrm_text1")
+PERTURBED = os.path.join(FIXTURE, "perturbed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The fixture's sizes with jaxlm's default flags (dropout stays 0.1: every test but one runs deterministic).
 SMALL = dict(vocab_size=96, d_model=64, n_heads=4, n_layers=2, d_ff=128, max_seq_len=64, halt_max_steps=4)
@@ -197,6 +200,47 @@ def test_scan_equals_python_loop_on_the_fixture(imported):
   assert assert_matches_loop(config, module, params, fixture("input_ids.npy")) == [3, 3]
 
 
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory):
+  """fixtures/hrm_text1/perturbed (README there), read by convert torch2jax: trained-like weights, halt head 0
+  saturated."""
+  from convert import api
+  from jaxlm import modeldir
+  path = api.torch2jax(PERTURBED, str(tmp_path_factory.mktemp("hrm_text1_perturbed") / "model"))
+  config, module, params, _ = modeldir.load_model_dir(path)
+  return config, module, jax.tree.map(jnp.asarray, params)
+
+
+def test_early_exit_on_the_perturbed_fixture_equals_the_loop_and_the_original(perturbed):
+  """Layer 0's halt head saturates: its remainder is below eps after 2 of its 4 halt reads, so it stops after 1
+  block-pair update (the original's counter says 2: the exit step is counted), while layer 1 reads all 4 (3
+  updates). The scan equals the literal loop (logits 3e-7 of the largest) and the original's record: logits
+  (measured 5.6e-6 of the largest, ~199), halt probabilities (4.3e-5; NaN in the original's where a layer had
+  stopped, 0 in jaxlm's) and loss with the original's 'count' ponder term, 2 + 3 per token."""
+  config, module, params = perturbed
+  assert (config.ponder_loss, config.exit_over_padding, config.halt_max_steps) == ("count", True, 4)
+  ids = np.load(os.path.join(PERTURBED, "input_ids.npy"))
+  assert assert_matches_loop(config, module, params, ids) == [2, 3]
+  out = ponder(module, params, ids)
+  want = np.load(os.path.join(PERTURBED, "logits.npy"))
+  err, scale = float(np.abs(np.asarray(out["logits"]) - want).max()), float(np.abs(want).max())
+  print(f"\nhrm_text1 perturbed fixture: logits max abs err {err:.3g} (largest {scale:.1f}, relative {err / scale:.2g})")
+  assert err <= 1.5e-5 * scale
+  probs, got = np.load(os.path.join(PERTURBED, "halt_probs.npy")), np.asarray(out["halt_probs"])
+  stopped = np.isnan(probs)
+  np.testing.assert_array_equal(stopped.all(axis=(2, 3)), [[False, False, True, True], [False] * 4])
+  np.testing.assert_array_equal(got[stopped], 0.0)
+  np.testing.assert_allclose(got[~stopped], probs[~stopped], rtol=0, atol=1e-4)
+  targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+  weights = np.ones(ids.shape, np.float32)
+  weights[:, -1] = 0.0
+  total, weight, sums = jax.jit(lambda p, b: module.apply({"params": p}, b, method="loss"))(
+      params, {"inputs": ids, "targets": targets, "weights": weights})
+  loss = float(np.load(os.path.join(PERTURBED, "loss.npy")))
+  assert abs(float(total / weight) - loss) <= 1e-5 * loss
+  assert float(sums["ponder"] / weight) == 2 + 3
+
+
 
 def _halting(params, layer, bias, kernel_scale=0.0, seed=0):
   """params with layer `layer`'s halt head set to `bias` and a random kernel of the given scale."""
@@ -340,15 +384,36 @@ def test_padding_mask_hides_padded_tokens():
 
 
 # ------------------------------------------------------------------------------------- structure
+def _primitives(jaxpr, counts=None):
+  """Primitives of a jaxpr by name, those of nested jaxprs (scan bodies, remat, custom rules) included."""
+  counts = collections.Counter() if counts is None else counts
+  for eqn in jaxpr.eqns:
+    counts[eqn.primitive.name] += 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _primitives(sub.jaxpr, counts)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _primitives(sub, counts)
+  return counts
+
+
 def test_program_size_does_not_grow_with_layers_or_steps():
-  """nn.scan over layers and a scan over pondering steps: the traced program is the same for 2 x 3 and 6 x 8."""
+  """nn.scan over layers and a scan over pondering steps: the traced forward and training gradient have the same
+  primitives, nested bodies included, for 2 layers x 3 halt reads and 6 x 8 (only scan lengths and stacked
+  parameter shapes differ), with the two scans nested. A Python loop over layers or steps would multiply them."""
   def program(**changes):
     module = HRMText1(HRMText1Config.from_dict({**SMALL, **changes}))
     tok = jnp.zeros((1, 8), jnp.int32)
+    batch = {"inputs": tok, "targets": tok, "weights": jnp.ones((1, 8))}
     params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), tok)["params"]))
-    return str(jax.make_jaxpr(lambda p: module.apply({"params": p}, tok))(params))
-  small, big = program(n_layers=2, halt_max_steps=3), program(n_layers=6, halt_max_steps=8)
-  assert len(small) == len(big)
+    forward = jax.make_jaxpr(lambda p: module.apply({"params": p}, tok))(params)
+    grad = jax.make_jaxpr(jax.grad(lambda p: module.apply({"params": p}, batch, method="loss")[0]))(params)
+    return _primitives(forward.jaxpr), _primitives(grad.jaxpr)
+  (small_fwd, small_grad), (big_fwd, big_grad) = program(n_layers=2, halt_max_steps=3), program(n_layers=6, halt_max_steps=8)
+  print(f"\nprimitives: forward {sum(small_fwd.values())}, gradient {sum(small_grad.values())}")
+  assert small_fwd == big_fwd and small_grad == big_grad
+  assert small_fwd["scan"] == 2 and small_grad["scan"] >= 4  # layers, steps (and their transposes)
 
 
 def test_full_size_parameter_count():

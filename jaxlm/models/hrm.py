@@ -454,7 +454,8 @@ class HRM(nn.Module):
     sums["act_segments"] = jnp.sum(jnp.sum(active, axis=0) * n_tokens)
     if c.q_learning:
       q_next, q, correct, active = q[1:], q[:m], correct[:m], active[:m]
-      is_last = (jnp.arange(m) == m - 1).reshape((m,) + (1,) * (q.ndim - 1))
+      # [m, 1, ...] against the [m, B(, T)] targets (q has a trailing halt/continue axis)
+      is_last = (jnp.arange(m) == m - 1).reshape((m,) + (1,) * (q.ndim - 2))
       target = jax.nn.sigmoid(jnp.where(is_last, q_next[..., 0], jnp.max(q_next, axis=-1)))
       bce = (optax.sigmoid_binary_cross_entropy(q[..., 0], correct)
              + optax.sigmoid_binary_cross_entropy(q[..., 1], jax.lax.stop_gradient(target)))
