@@ -37,6 +37,28 @@ def m(name, what, tests, *edits):
   return Mutation(name, what, tuple(edits), tuple(tests))
 
 
+# --- module level, above MUTATIONS (shared snippets) ---
+_ROPE_BASE = ("jaxlm/models/layers.py",
+              "return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))",
+              "return 1.0 / ((1.3 * theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))")
+_RMS_NORM_EPS = ("jaxlm/models/layers.py",
+                 "y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)",
+                 "y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 10 * self.eps)")
+_DECODER_POST_NORM = (  # x = norm(x + f(x)) instead of x = x + f(norm(x)), both sublayers
+    ("jaxlm/models/decoder.py",
+     '    h = layers.make_norm(c.norm, c.norm_eps, dtype, "attn_norm")(x_BxTxD)\n    h = layers.Attention(',
+     '    attn_norm = layers.make_norm(c.norm, c.norm_eps, dtype, "attn_norm")\n    h = x_BxTxD\n'
+     '    h = layers.Attention('),
+    ("jaxlm/models/decoder.py",
+     '    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)\n'
+     '    h = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")(x_BxTxD)',
+     '    x_BxTxD = attn_norm(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))\n'
+     '    mlp_norm = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")\n    h = x_BxTxD'),
+    ("jaxlm/models/decoder.py",
+     '    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)\n    return x_BxTxD if',
+     '    x_BxTxD = mlp_norm(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))\n    return x_BxTxD if'))
+_DECODER_TESTS = ["tests/test_convert_families.py", "tests/test_score.py", "tests/test_generate.py"]
+
 MUTATIONS: List[Mutation] = [
     m("hrm-converter-swaps-norms", "HRM converter swaps a block's two norm weights, on import and on export",
       ["tests/test_convert_hrm.py"],
@@ -195,6 +217,43 @@ MUTATIONS: List[Mutation] = [
     m("process-rows-ignored", "every process reads the whole global batch",
       ["tests/test_distributed.py"],
       ("jaxlm/data/pipeline.py", "    if self.rows is not None:\n      starts = starts[self.rows]\n", "")),
+    m("rope-base-optimus_prime", "Optimus Prime's RoPE base is 1.3x the checkpoint's (its own tests only)",
+      _DECODER_TESTS + ["tests/test_convert_llama.py", "-k", "optimus"], _ROPE_BASE),
+    m("rope-base-yinggem", "YingGem's RoPE base is 1.3x the checkpoint's (its own tests only)",
+      _DECODER_TESTS + ["-k", "yinggem"], _ROPE_BASE),
+    m("rope-base-hrm", "HRM's RoPE base is 1.3x the checkpoint's (the HRM converter tests only)",
+      ["tests/test_convert_hrm.py"], _ROPE_BASE),
+    m("rope-base-hrm_text1", "HRM-Text1's RoPE base is 1.3x the checkpoint's (the HRM-Text1 converter tests only)",
+      ["tests/test_convert_hrm_text1.py"], _ROPE_BASE),
+    m("rms-norm-eps-optimus_prime", "RMSNorm uses 10x the configured epsilon (Optimus Prime's own tests only)",
+      _DECODER_TESTS + ["tests/test_convert_llama.py", "-k", "optimus"], _RMS_NORM_EPS),
+    m("rms-norm-eps-yinggem", "RMSNorm uses 10x the configured epsilon (YingGem's own tests only)",
+      _DECODER_TESTS + ["-k", "yinggem"], _RMS_NORM_EPS),
+    m("rms-norm-eps-hrm", "RMSNorm uses 10x the configured epsilon (the HRM converter tests only)",
+      ["tests/test_convert_hrm.py"], _RMS_NORM_EPS),
+    m("rms-norm-eps-hrm_text1", "RMSNorm uses 10x the configured epsilon (the HRM-Text1 converter tests only)",
+      ["tests/test_convert_hrm_text1.py"], _RMS_NORM_EPS),
+    m("norm-position-hrom", "the decoder's pre-norm blocks normalise after the residual add (HROM's own tests only)",
+      _DECODER_TESTS + ["-k", "hrom"], *_DECODER_POST_NORM),
+    m("norm-position-optimus_prime", "the decoder's pre-norm blocks normalise after the residual add "
+      "(Optimus Prime's own tests only)", _DECODER_TESTS + ["tests/test_convert_llama.py", "-k", "optimus"],
+      *_DECODER_POST_NORM),
+    m("norm-position-yinggem", "the decoder's pre-norm blocks normalise after the residual add "
+      "(YingGem's own tests only)", _DECODER_TESTS + ["-k", "yinggem"], *_DECODER_POST_NORM),
+    m("hrm_text1-norm-position", "HRM-Text1's pre-norm blocks normalise after the residual add instead of before",
+      ["tests/test_convert_hrm_text1.py"],
+      ("jaxlm/models/hrm_text1.py",
+       '    h = layers.RMSNorm(eps=c.norm_eps, dtype=dtype, name="norm1")(x_BxTxD)\n    h = layers.Attention(',
+       '    norm1 = layers.RMSNorm(eps=c.norm_eps, dtype=dtype, name="norm1")\n    h = x_BxTxD\n'
+       '    h = layers.Attention('),
+      ("jaxlm/models/hrm_text1.py",
+       '    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=self.deterministic)\n'
+       '    h = layers.RMSNorm(eps=c.norm_eps, dtype=dtype, name="norm2")(x_BxTxD)',
+       '    x_BxTxD = norm1(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=self.deterministic))\n'
+       '    norm2 = layers.RMSNorm(eps=c.norm_eps, dtype=dtype, name="norm2")\n    h = x_BxTxD'),
+      ("jaxlm/models/hrm_text1.py",
+       '    return x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=self.deterministic)\n\n\nclass HRMLayer',
+       '    return norm2(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=self.deterministic))\n\n\nclass HRMLayer')),
 ]
 
 

@@ -2,9 +2,11 @@
 
 tests/fixtures/hrm/ was made with the original, unmodified HierarchicalReasoningModel (see
 ../shared/reference/hrm/README.md): an untrained checkpoint in the trainer's layout plus its tokenizer json,
-and the original's outputs. `OriginalHRM` below is an independent torch re-implementation of the original
-forward pass written from SPEC.md, used to check that exports of other models load with strict key matching
-and compute what jaxlm computes.
+and the original's outputs. Its perturbed twin (tests/fixtures/hrm/perturbed/, also made by the original code):
+trained-like weights with norm scales away from 1 and a Q-head that halts the batch after 2 of 4 segments while
+its rows disagree; every fixture test runs on both. `OriginalHRM` below is an independent torch re-implementation
+of the original forward pass written from SPEC.md, used to check that exports of other models (with perturbed
+parameters) load with strict key matching and compute what jaxlm computes.
 """
 import json
 import math
@@ -26,26 +28,33 @@ from jaxlm import modeldir  # noqa: E402
 from jaxlm.data import tokenizers  # noqa: E402
 from jaxlm.models import build_model  # noqa: E402
 from checkpoint_compare import assert_identical  # noqa: E402
+from fixture_tolerance import assert_logits_close  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hrm")
+TWINS = ("untrained", "perturbed")
+FOLDERS = {"untrained": FIXTURES, "perturbed": os.path.join(FIXTURES, "perturbed")}
 CHECKPOINT = os.path.join(FIXTURES, "hrm_continual_learning.pt")
 
 
-def fixture(name):
-  return np.load(os.path.join(FIXTURES, name))
+def fixture(name, twin="untrained"):
+  return np.load(os.path.join(FOLDERS[twin], name))
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("hrm") / "model")
-  assert convert_main(["torch2jax", "--family", "hrm", "--src", CHECKPOINT, "--out", out]) == 0
+  """twin -> model directory converted by the CLI from that twin's checkpoint."""
+  out = {}
+  for twin in TWINS:
+    out[twin] = str(tmp_path_factory.mktemp("hrm") / twin)
+    src = os.path.join(FOLDERS[twin], "hrm_continual_learning.pt")
+    assert convert_main(["torch2jax", "--family", "hrm", "--src", src, "--out", out[twin]]) == 0
   return out
 
 
 @pytest.fixture(scope="module")
 def loaded(converted):
-  _, module, params, _ = modeldir.load_model_dir(converted)
-  return module, params
+  """twin -> (module, params)."""
+  return {twin: modeldir.load_model_dir(path)[1:3] for twin, path in converted.items()}
 
 
 def _act(module, params, ids, mask=None):
@@ -54,32 +63,40 @@ def _act(module, params, ids, mask=None):
 
 
 # ------------------------------------------------------------------------------------------ fixture outputs
-def test_reproduces_the_original_outputs(loaded):
-  module, params = loaded
-  ids = fixture("input_ids.npy")
+# Relative to the largest |logit| (|q| for q_logits). Measured max abs error / max|logit|:
+#   ACT logits    untrained 3.5e-5 / 3.84 = 9.0e-6   perturbed 2.3e-6 / 3.68 = 6.2e-7
+#   single pass   untrained 3.0e-6 / 3.73 = 8.0e-7   perturbed 2.0e-6 / 3.57 = 5.7e-7
+#   q_logits      untrained 0 (a zero Q-head: q = its bias)    perturbed 1.9e-6 / 3.94 = 4.8e-7
+# The untrained ACT runs all 4 segments of 4 L and 2 H updates, which amplify float32 rounding about 3x per
+# segment (a float64 NumPy re-implementation puts torch at 5.6e-6 and jaxlm at 3.9e-5 from the exact values); the
+# perturbed one halts after 2. What the bugs to catch cost (relative, smaller twin): RoPE base x1.3 2e-2, 10x
+# RMSNorm eps 4.2e-5, pre-norm blocks 21, swapped norm weights (perturbed) 0.9.
+TOLERANCE = {"untrained": dict(act=3e-5, single=3e-6, q=1e-6), "perturbed": dict(act=3e-6, single=3e-6, q=2.5e-6)}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_reproduces_the_original_outputs(loaded, twin):
+  module, params = loaded[twin]
+  tol = TOLERANCE[twin]
+  ids = fixture("input_ids.npy", twin)
   out = _act(module, params, ids)  # normal mode (2 x 2), up to halt_max_steps = 4 segments
-  ref = fixture("logits.npy")
-  err = float(np.abs(np.asarray(out["logits"]) - ref).max())
   single = jax.jit(lambda p, t: module.apply({"params": p}, t, method="single_pass"))(params, jnp.asarray(ids))
-  err_single = float(np.abs(np.asarray(single) - fixture("logits_single_pass.npy")).max())
-  err_q = float(np.abs(np.asarray(out["q_logits"]) - fixture("q_logits.npy")).max())
-  print(f"\nhrm: max abs error logits {err:.3g} (largest logit {np.abs(ref).max():.3g}), "
-        f"single pass {err_single:.3g}, q_logits {err_q:.3g}, steps {np.asarray(out['steps']).tolist()}")
-  # Four segments of 4 L and 2 H updates amplify float32 rounding about 3x per segment (an float64 NumPy
-  # re-implementation puts torch at 5.6e-6 and jaxlm at 3.9e-5 from the exact values).
-  assert err <= 2e-5 * np.abs(ref).max()
-  assert err_single <= 1e-5
-  assert err_q <= 1e-6
-  np.testing.assert_array_equal(np.asarray(out["steps"]), fixture("steps.npy"))
+  print(f"\nhrm {twin}: steps {np.asarray(out['steps']).tolist()}")
+  assert_logits_close(out["logits"], fixture("logits.npy", twin), tol["act"], f"hrm {twin} ACT logits")
+  assert_logits_close(single, fixture("logits_single_pass.npy", twin), tol["single"], f"hrm {twin} single pass")
+  assert_logits_close(out["q_logits"], fixture("q_logits.npy", twin), tol["q"], f"hrm {twin} q_logits")
+  np.testing.assert_array_equal(np.asarray(out["steps"]), fixture("steps.npy", twin))
   np.testing.assert_allclose(np.asarray(module.apply({"params": params}, jnp.asarray(ids))), np.asarray(out["logits"]))
 
 
-def test_greedy_continuation_matches_the_original_chat_loop(loaded):
+@pytest.mark.parametrize("twin", TWINS)
+def test_greedy_continuation_matches_the_original_chat_loop(loaded, twin):
   """hrm_chat's loop with argmax: the whole sequence through the ACT forward for every new token. Here the
-  window is right-padded to a fixed length with the padding masked (one compile)."""
-  module, params = loaded
-  want = fixture("greedy_tokens.npy")
-  ids = list(fixture("input_ids.npy")[0, :8])
+  window is right-padded to a fixed length with the padding masked (one compile). The perturbed twin's forwards
+  each halt after 1 segment."""
+  module, params = loaded[twin]
+  want = fixture("greedy_tokens.npy", twin)
+  ids = list(fixture("input_ids.npy", twin)[0, :8])
   width = len(ids) + len(want)
   step = jax.jit(lambda p, t, m: module.apply({"params": p}, t, padding_mask_BxT=m))
   for _ in range(len(want)):
@@ -90,15 +107,16 @@ def test_greedy_continuation_matches_the_original_chat_loop(loaded):
   assert ids[8:] == want.tolist()
 
 
-def test_model_directory_carries_vocabulary_and_history(converted):
-  config = modeldir.read_config(converted)
+@pytest.mark.parametrize("twin", TWINS)
+def test_model_directory_carries_vocabulary_and_history(converted, twin):
+  config = modeldir.read_config(converted[twin])
   assert config["model"]["arch"] == "hrm" and config["model"]["causal"] is False
   assert config["model"]["q_head_pool"] == "mean" and config["model"]["norm_position"] == "post"
   assert config["source"]["family"] == "hrm"
   assert config["source"]["datasets_trained"] == ["fixture"]
   assert config["source"]["timestamp"] == "2025-01-01T00:00:00"
-  tok = tokenizers.load_tokenizer(converted)
-  with open(os.path.join(FIXTURES, "continual_tokenizer.json"), encoding="utf-8") as f:
+  tok = tokenizers.load_tokenizer(converted[twin])
+  with open(os.path.join(FOLDERS[twin], "continual_tokenizer.json"), encoding="utf-8") as f:
     vocab = json.load(f)["vocab"]
   assert tok.vocab_size == 96 and tok.vocab() == vocab
   assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
@@ -108,19 +126,21 @@ def test_model_directory_carries_vocabulary_and_history(converted):
 
 
 # ------------------------------------------------------------------------------------------ round trip
-def test_round_trip_is_bit_exact(converted, tmp_path):
-  out = api.jax2torch(converted, str(tmp_path))  # a directory: the original file name is used
+@pytest.mark.parametrize("twin", TWINS)
+def test_round_trip_is_bit_exact(converted, tmp_path, twin):
+  out = api.jax2torch(converted[twin], str(tmp_path))  # a directory: the original file name is used
   assert os.path.basename(out) == "hrm_continual_learning.pt"
-  original, written = torchfile.load(CHECKPOINT), torchfile.load(out)
+  original = torchfile.load(os.path.join(FOLDERS[twin], "hrm_continual_learning.pt"))
+  written = torchfile.load(out)
   assert_identical(written, original)
   loaded = torch.load(out, weights_only=True)  # as the original trainer and chat load it
   assert loaded["config"]["forward_dtype"] is torch.float32
   # the tokenizer the original reads beside the checkpoint comes back byte for byte
-  with open(os.path.join(FIXTURES, "continual_tokenizer.json"), "rb") as f:
+  with open(os.path.join(FOLDERS[twin], "continual_tokenizer.json"), "rb") as f:
     assert (tmp_path / "continual_tokenizer.json").read_bytes() == f.read()
   with pytest.raises(ConversionError, match="continual_tokenizer.json already exists"):
-    api.jax2torch(converted, str(tmp_path / "again.pt"))
-  print(f"\nhrm: {len(written['model_state_dict'])} tensors and {len(written) - 1} other entries bit-identical "
+    api.jax2torch(converted[twin], str(tmp_path / "again.pt"))
+  print(f"\nhrm {twin}: {len(written['model_state_dict'])} tensors and {len(written) - 1} other entries bit-identical "
         "after torch2jax -> jax2torch")
 
 
@@ -197,6 +217,11 @@ def test_export_of_another_model_loads_strictly_in_the_original(tmp_path):
   _, module = build_model(model)
   ids = np.random.RandomState(0).randint(0, 30, (2, 7)).astype(np.int32)
   params = jax.jit(module.init)(jax.random.key(3), jnp.asarray(ids))["params"]
+  # Trained-like, as the perturbed fixture: 1-D parameters (norm scales, the initial states, the Q-head bias)
+  # += 0.3 randn, matrices += 0.3 std randn; so no norm scale is 1 and mixed-up norms show.
+  rng = np.random.default_rng(5)
+  params = jax.tree.map(lambda p: (p + 0.3 * (1.0 if p.ndim == 1 else np.std(p)) * rng.standard_normal(p.shape))
+                        .astype(np.float32), jax.tree.map(np.asarray, params))
   chars = [chr(ord("a") + i) for i in range(26)] + [" ", ".", ",", "\n"]
   src = modeldir.save_model_dir(str(tmp_path / "jax"), model, params, {"kind": "char", "chars": chars})
   out = api.jax2torch(src, str(tmp_path / "hrm.pt"), family="hrm")
@@ -208,7 +233,8 @@ def test_export_of_another_model_loads_strictly_in_the_original(tmp_path):
     want = reference(torch.from_numpy(ids).long(), n=1, t=3).numpy()
   _, module, params, _ = modeldir.load_model_dir(src)
   got = np.asarray(module.apply({"params": params}, jnp.asarray(ids)))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # measured 1.7e-6 of max|logit| 1.99 (relative 8.5e-7)
+  assert_logits_close(got, want, 4e-6, "hrm: exported jaxlm model in the independent torch reference")
   assert ckpt["total_parameters"] == sum(p.numel() for p in reference.parameters())
   assert [len(o["param_groups"][0]["params"]) for o in ckpt["optimizer_states"]] == [1, 4 + 6 * 3 - 1]
   assert ckpt["tokenizer_vocab"] == {c: i for i, c in enumerate(chars)}

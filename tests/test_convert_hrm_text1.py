@@ -4,6 +4,10 @@ an export of a jaxlm-initialised model loaded strictly by an independent torch i
 
 (The real original class was also checked by hand: transformers 4.55.2 `HRMText1.from_pretrained` on folders
 written here, with only pytorch_model.bin or only model.safetensors, reproduces the fixture logits bit for bit.)
+
+Every fixture test runs on the untrained fixture and its perturbed twin (tests/fixtures/hrm_text1/perturbed/, made
+by the original code: trained-like weights, norm scales away from 1, logits of magnitude ~200, layer 0's pondering
+exits early).
 """
 import json
 import math
@@ -11,6 +15,7 @@ import os
 import shutil
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,19 +26,25 @@ torch = pytest.importorskip("torch")
 from convert import api, safetensors_file, torchfile  # noqa: E402
 from convert.errors import ConversionError  # noqa: E402
 from jaxlm import modeldir  # noqa: E402
+from fixture_tolerance import assert_logits_close  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hrm_text1")
+TWINS = ("untrained", "perturbed")
+FOLDERS = {"untrained": FIXTURE, "perturbed": os.path.join(FIXTURE, "perturbed")}
 FILES = ("config.json", "generation_config.json")
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-  return api.torch2jax(FIXTURE, str(tmp_path_factory.mktemp("import") / "model"))
+  """twin -> model directory imported from that twin's save_pretrained folder."""
+  return {twin: api.torch2jax(folder, str(tmp_path_factory.mktemp("import") / twin))
+          for twin, folder in FOLDERS.items()}
 
 
 @pytest.fixture(scope="module")
 def exported(imported, tmp_path_factory):
-  return api.jax2torch(imported, str(tmp_path_factory.mktemp("export") / "hrm_text1"))
+  """twin -> folder exported back from the imported model directory."""
+  return {twin: api.jax2torch(path, str(tmp_path_factory.mktemp("export") / twin)) for twin, path in imported.items()}
 
 
 def read_bytes(path):
@@ -55,7 +66,7 @@ def folder_with(tmp_path, name, weights_name, tensors=None, config=None):
   """A save_pretrained-like folder: the fixture's json files plus one weights file."""
   folder = tmp_path / name
   folder.mkdir()
-  for f in FILES:
+  for f in FILES:  # the twins' json files are the same
     shutil.copy(os.path.join(FIXTURE, f), folder / f)
   if config is not None:
     (folder / "config.json").write_text(json.dumps(config))
@@ -74,33 +85,70 @@ def test_detects_the_folder_and_the_weights_file():
   assert api.detect(os.path.join(FIXTURE, "pytorch_model.bin"))[0].name == "hrm_text1"
 
 
-def test_imported_model_and_parameter_count(imported):
-  config = modeldir.read_config(imported)
+@pytest.mark.parametrize("twin", TWINS)
+def test_imported_model_and_parameter_count(imported, twin):
+  config = modeldir.read_config(imported[twin])
   model = config["model"]
   assert (model["arch"], model["family"], model["n_heads"], model["halt_max_steps"]) == \
       ("hrm_text1", "hrm_text1", 4, 4)
   assert (model["ponder_loss"], model["exit_over_padding"], model["remat"]) == ("count", True, True)
   assert config["source"]["hf_config"]["model_type"] == "hrm_text1"
-  params = modeldir.load(imported).params
+  params = modeldir.load(imported[twin]).params
   assert sum(x.size for x in jax.tree.leaves(params)) == 170_690  # unique parameters (the head is the embedding)
 
 
+# Relative to the largest |logit|. Measured max abs error / max|logit|: untrained 2.3e-5 / 78.6 = 2.9e-7,
+# perturbed 1.1e-3 / 199 = 5.6e-6 (its matrices were scaled x6: large activations through 2 layers x 3 pondering
+# steps of 2 blocks; in float64, the reference below puts the original's float32 logits at 4.1e-6 and jaxlm's at
+# 7.3e-6 from the exact values). What the bugs to catch cost (relative, smaller twin): RoPE base x1.3 1.0e-3,
+# post-norm blocks 0.2, swapped norm weights (perturbed) 1.3. A 10x RMSNorm eps costs only 1.1e-6 here
+# (activations are large; the untrained halt probabilities move by 1.1e-5): the export test below catches it (0.54).
+LOGITS_REL = {"untrained": 1.5e-6, "perturbed": 2e-5}
+# Halt probabilities (in [0, 1]), absolute; measured: untrained 6.3e-7, perturbed 4.3e-5 (layer 1's halt head reads
+# the large perturbed activations).
+HALT_ABS = {"untrained": 3e-6, "perturbed": 1.5e-4}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_imported_fixture_reproduces_the_original_outputs(imported, twin):
+  """Logits and pondering of the original (HRMText1 in eval mode) on the fixture's input_ids; the perturbed twin's
+  layer 0 stops after 1 block update (the original records NaN for the halt reads it did not make)."""
+  _, module, params, _ = modeldir.load_model_dir(imported[twin])
+  ids = np.load(os.path.join(FOLDERS[twin], "input_ids.npy"))
+  out = jax.jit(lambda p, t: module.apply({"params": p}, t, method="ponder"))(params, jnp.asarray(ids))
+  assert_logits_close(out["logits"], np.load(os.path.join(FOLDERS[twin], "logits.npy")), LOGITS_REL[twin],
+                      f"hrm_text1 {twin}")
+  want = np.load(os.path.join(FOLDERS[twin], "halt_probs.npy"))
+  got = np.asarray(out["halt_probs"])
+  ran = ~np.isnan(want)
+  halt_err = float(np.abs(got[ran] - want[ran]).max())
+  print(f"hrm_text1 {twin}: halt_probs max abs error {halt_err:.3g}; n_updates {np.asarray(out['n_updates']).tolist()}")
+  assert halt_err <= HALT_ABS[twin]
+  assert (got[~ran] == 0).all()  # jaxlm records 0 for the reads after an early exit
+  if twin == "perturbed":
+    assert (~ran).any()
+
+
 # ------------------------------------------------------------------------------------- round trips
-def test_round_trip_pytorch_model_bin_is_bit_exact(exported):
+@pytest.mark.parametrize("twin", TWINS)
+def test_round_trip_pytorch_model_bin_is_bit_exact(exported, twin):
+  exported, fixture = exported[twin], FOLDERS[twin]
   for f in FILES:  # config.json / generation_config.json exactly as save_pretrained wrote them
-    assert read_bytes(os.path.join(exported, f)) == read_bytes(os.path.join(FIXTURE, f)), f
-  original = torchfile.load(os.path.join(FIXTURE, "pytorch_model.bin"))
+    assert read_bytes(os.path.join(exported, f)) == read_bytes(os.path.join(fixture, f)), f
+  original = torchfile.load(os.path.join(fixture, "pytorch_model.bin"))
   written = torchfile.load(os.path.join(exported, "pytorch_model.bin"))
   assert_same_state(written, original)
   state = torch.load(os.path.join(exported, "pytorch_model.bin"), weights_only=True)
   # as save_pretrained writes it: the tied head is stored once, both keys load
   assert state["lm_head.weight"].untyped_storage().data_ptr() == state["token_embeddings.weight"].untyped_storage().data_ptr()
-  print(f"\nhrm_text1: {len(written)} tensors, config.json and generation_config.json bit-identical after "
+  print(f"\nhrm_text1 {twin}: {len(written)} tensors, config.json and generation_config.json bit-identical after "
         "torch2jax -> jax2torch (pytorch_model.bin)")
 
 
-def test_round_trip_through_model_safetensors_is_bit_exact(exported, tmp_path):
-  original = torchfile.load(os.path.join(FIXTURE, "pytorch_model.bin"))
+@pytest.mark.parametrize("twin", TWINS)
+def test_round_trip_through_model_safetensors_is_bit_exact(exported, tmp_path, twin):
+  exported, fixture = exported[twin], FOLDERS[twin]
+  original = torchfile.load(os.path.join(fixture, "pytorch_model.bin"))
   st = safetensors_file.load(os.path.join(exported, "model.safetensors"))
   assert set(st) == set(original)  # both tied keys, as separate (equal) tensors
   for key, value in original.items():
@@ -112,13 +160,14 @@ def test_round_trip_through_model_safetensors_is_bit_exact(exported, tmp_path):
   assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "pytorch_model.bin"]
   assert_same_state(torchfile.load(os.path.join(out, "pytorch_model.bin")), original)
   for f in FILES:
-    assert read_bytes(os.path.join(out, f)) == read_bytes(os.path.join(FIXTURE, f)), f
+    assert read_bytes(os.path.join(out, f)) == read_bytes(os.path.join(fixture, f)), f
 
 
-def test_safetensors_with_one_copy_of_the_tie_and_bfloat16(tmp_path):
+@pytest.mark.parametrize("twin", TWINS)
+def test_safetensors_with_one_copy_of_the_tie_and_bfloat16(tmp_path, twin):
   """save_pretrained-style safetensors keep one tied key; a bf16 checkpoint goes back to bf16 bit for bit."""
   import ml_dtypes
-  original = torchfile.load(os.path.join(FIXTURE, "pytorch_model.bin"))
+  original = torchfile.load(os.path.join(FOLDERS[twin], "pytorch_model.bin"))
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in original.items() if k != "lm_head.weight"}
   folder = folder_with(tmp_path, "bf16", "model.safetensors", bf16)
   out = api.jax2torch(api.torch2jax(folder, str(tmp_path / "m")), str(tmp_path / "out"),
@@ -270,6 +319,15 @@ def test_export_of_a_jaxlm_model_loads_strictly_into_a_torch_implementation(tmp_
            "n_layers": 2, "d_ff": 48, "max_seq_len": 32, "halt_max_steps": 3}
   config, module = build_model(model)
   params = nn.unbox(module.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"])
+  # Trained-like, as the perturbed fixture: norm scales and halt biases += 0.3 randn, matrices += 0.3 std randn
+  # (so no norm scale is 1 and mixed-up norms show); then the token embedding scaled to rms 2e-3, where the
+  # first block's RMSNorm eps (1e-6 against a mean square of 4e-6) matters: a wrong eps shows, not only here.
+  rng = np.random.default_rng(7)
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  flat = {k: v + 0.3 * (1.0 if k.endswith(("scale", "bias")) else np.std(v)) * rng.standard_normal(v.shape)
+          for k, v in flat.items()}
+  flat["embed/embedding"] *= 2e-3 / np.sqrt(np.mean(np.square(flat["embed/embedding"])))
+  params = traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep="/")
   src = modeldir.save_model_dir(str(tmp_path / "jax"), config.to_dict(), params,
                                 {"kind": "ids", "vocab_size": 80})
   out = api.jax2torch(src, str(tmp_path / "torch"), family="hrm_text1")
@@ -285,4 +343,5 @@ def test_export_of_a_jaxlm_model_loads_strictly_into_a_torch_implementation(tmp_
     ref.load_state_dict(state, strict=True)
     with torch.no_grad():
       got = ref(torch.from_numpy(ids)).numpy()
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # measured 2.1e-8 of max|logit| 0.043 (relative 4.8e-7); a 10x RMSNorm eps costs 0.54 here
+    assert_logits_close(got, want, 2.5e-6, "hrm_text1: exported jaxlm model in the independent torch reference")
