@@ -75,6 +75,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+  """[grad_accum, batch / grad_accum, ...] microbatches: the second axis sharded as the batch is."""
+  return NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -84,6 +89,15 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch
   if batch_size % shards:
     raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel shards of "
                      f"mesh {dict(mesh.shape)}; pick a multiple of {shards} or change mesh.data")
+
+
+def check_microbatch_divisible(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+  """Each microbatch is spread over every data shard (steps.split_microbatches), so it must divide evenly."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % grad_accum or (batch_size // grad_accum) % shards:
+    raise ValueError(f"train.batch_size={batch_size} / opt.grad_accum={grad_accum} must be a whole multiple of the "
+                     f"{shards} data-parallel shards of mesh {dict(mesh.shape)} (every device computes an equal "
+                     f"share of every microbatch); pick a batch size that is a multiple of {grad_accum * shards}")
 
 
 def process_rows(batch_sh: NamedSharding, batch_size: int) -> np.ndarray | None:

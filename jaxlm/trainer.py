@@ -134,6 +134,7 @@ class Trainer:
     sharding.check_batch_divisible(tc.batch_size, self.mesh)
     if tc.batch_size % config.opt.grad_accum:
       raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by opt.grad_accum={config.opt.grad_accum}")
+    sharding.check_microbatch_divisible(tc.batch_size, config.opt.grad_accum, self.mesh)
     self.eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
     sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
     self.batch_sh = sharding.batch_sharding(self.mesh)
@@ -250,7 +251,8 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     self.step_fn = jax.jit(
         functools.partial(train_step, module=self.module, optimizer=self.optimizer,
-                          grad_accum=self.config.opt.grad_accum),
+                          grad_accum=self.config.opt.grad_accum,
+                          microbatch_sharding=sharding.microbatch_sharding(self.mesh)),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     self.eval_fn = jax.jit(functools.partial(eval_step, module=self.module),
