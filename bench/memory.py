@@ -86,9 +86,19 @@ def jax_worker(name: str, steps: int, overrides) -> dict:
     state, metrics = step(state, batch, jax.random.key(1))
     float(metrics["loss"])
     times.append(time.perf_counter() - start)
+  from jaxlm import flops
+  try:
+    flops_per_token = flops.training_flops_per_token(model_cfg, t)
+  except ValueError:
+    flops_per_token = None
+  device = jax.devices()[0]
+  peak_device_gib = None
+  if device.platform != "cpu" and hasattr(device, "memory_stats") and device.memory_stats():
+    peak_device_gib = device.memory_stats().get("peak_bytes_in_use", 0) / 2 ** 30
   return {"params": n_params, "batch": b, "length": t, "peak_rss_gib": _peak_rss_gib(),
-          "s_per_step": float(np.mean(times[1:] or times)), "first_step_s": times[0],
-          "loss": float(metrics["loss"])}
+          "peak_device_gib": peak_device_gib, "s_per_step": float(np.mean(times[1:] or times)),
+          "first_step_s": times[0], "loss": float(metrics["loss"]), "flops_per_token": flops_per_token,
+          "device_kind": device.device_kind, "platform": device.platform}
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -107,44 +117,69 @@ def _torch_model(name: str, config):
   return None, None
 
 
-def torch_worker(name: str, steps: int, overrides) -> dict:
+def _llama(config):
+  """Hugging Face LlamaForCausalLM of the config's size (the peer bench/mfu.py names for Optimus Prime)."""
+  import transformers
+  m = config.model
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+      num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads or m.n_heads, rms_norm_eps=m.norm_eps,
+      max_position_embeddings=max(m.max_seq_len, config.train.seq_len), tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=bool(m.mlp_bias))), None
+
+
+def torch_worker(name: str, steps: int, overrides, peer: str = "reference", device: str = "cpu",
+                 dtype: str = "float32", compile_model: bool = False) -> dict:
   import numpy as np
   import torch
   import torch.utils.checkpoint
 
   config = _config(name, overrides)
-  model, block_cls = _torch_model(name, config)
+  model, block_cls = _llama(config) if peer == "llama" else _torch_model(name, config)
   if model is None:
     return {"missing": True}
   tc = config.train
   b, t, v = tc.batch_size, tc.seq_len, config.model.vocab_size
-  if config.model.get("remat"):  # the same rematerialisation as the jaxlm config: every block recomputed
+  model = model.to(device)
+  if config.model.get("remat") and peer == "llama":
+    model.gradient_checkpointing_enable()
+  elif config.model.get("remat") and block_cls is not None:  # the jaxlm config's rematerialisation: every block
+    # recomputed in the backward pass
     for block in (m for m in model.modules() if isinstance(m, block_cls)):
       forward = block.forward
       block.forward = lambda *a, _f=forward: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False)
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  forward = torch.compile(model) if compile_model else model
+  autocast = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype),
+                            enabled=dtype != "float32")
   rng = np.random.default_rng(0)
   times = []
   for _ in range(steps):
-    window = torch.tensor(rng.integers(0, v, size=(b, t + 1)))
+    window = torch.tensor(rng.integers(0, v, size=(b, t + 1))).to(device)
     start = time.perf_counter()
-    logits = model(window[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, v), window[:, 1:].reshape(-1))
+    with autocast:
+      logits = forward(window[:, :-1])
+      logits = getattr(logits, "logits", logits)
+      loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, v), window[:, 1:].reshape(-1))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    float(loss)  # waits for the device
     times.append(time.perf_counter() - start)
+  peak_device_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
   return {"params": sum(p.numel() for p in model.parameters()), "batch": b, "length": t,
-          "peak_rss_gib": _peak_rss_gib(), "s_per_step": float(np.mean(times[1:] or times)),
-          "loss": float(loss)}
+          "peak_rss_gib": _peak_rss_gib(), "peak_device_gib": peak_device_gib,
+          "s_per_step": float(np.mean(times[1:] or times)), "first_step_s": times[0], "loss": float(loss)}
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def measure(kind: str, name: str, steps: int, overrides, timeout: float) -> dict:
+def measure(kind: str, name: str, steps: int, overrides, timeout: float, torch_args=()) -> dict:
+  """One worker process's result (a dict; {'error': ...} when it failed or ran out of memory)."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--configs", name, "--steps", str(steps)]
   for item in overrides:
     command += ["--set", item]
+  command += list(torch_args)
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -172,21 +207,28 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--configs", default=",".join(CONFIGS))
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--set", action="append", default=[], help="section.field=value for the jaxlm runs")
+  parser.add_argument("--set", action="append", default=[],
+                      help="section.field=value (both runs; model fields the torch peer lacks are ignored by it)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--timeout", type=float, default=1800)
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--torch-peer", default="reference", choices=("reference", "llama"), help=argparse.SUPPRESS)
+  parser.add_argument("--torch-device", default="cpu", help=argparse.SUPPRESS)
+  parser.add_argument("--torch-dtype", default="float32", help=argparse.SUPPRESS)
+  parser.add_argument("--torch-compile", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   names = args.configs.split(",")
-  if args.worker:
-    worker = jax_worker if args.worker == "jax" else torch_worker
-    print(json.dumps(worker(names[0], args.steps, args.set)), flush=True)
+  if args.worker == "jax":
+    print(json.dumps(jax_worker(names[0], args.steps, args.set)), flush=True)
+    return 0
+  if args.worker == "torch":
+    print(json.dumps(torch_worker(names[0], args.steps, args.set, args.torch_peer, args.torch_device,
+                                  args.torch_dtype, args.torch_compile)), flush=True)
     return 0
   print(f"{'config':14s} {'impl':6s} {'params':>9s} {'batch x len':12s} {'peak RSS':>13s} {'time':>16s}")
   for name in names:
     for kind in ("jaxlm",) + (() if args.no_torch else ("torch",)):
-      result = measure("jax" if kind == "jaxlm" else "torch", name, args.steps, args.set if kind == "jaxlm" else [],
-                       args.timeout)
+      result = measure("jax" if kind == "jaxlm" else "torch", name, args.steps, args.set, args.timeout)
       print(_row(kind, name, result), flush=True)
   return 0
 

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import checksum, distributed, fs, optim, sharding
+from jaxlm import checksum, distributed, flops, fs, optim, sharding
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -150,6 +150,11 @@ class Trainer:
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(config.mesh))
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
+    try:
+      self.flops_per_token = flops.training_flops_per_token(self.model_cfg, tc.seq_len)
+    except ValueError:
+      self.flops_per_token = None
+    self.peak_tflops = flops.peak_tflops(jax.devices()[0].device_kind)
 
     self.run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
     self.state, saved_meta = self._restore_or_init(boxed)
@@ -347,6 +352,10 @@ class Trainer:
            "tokens_per_sec": window_steps * self.tc.batch_size * self.tc.seq_len / elapsed,
            "lr": float(self.schedule(step - 1)), "elapsed_s": time.perf_counter() - self.run_start,
            **{k: float(v) for k, v in step_metrics.items() if k not in ("loss", "nonfinite")}}
+    if self.flops_per_token:
+      row["tflops_per_device"] = self.flops_per_token * row["tokens_per_sec"] / jax.device_count() / 1e12
+      if self.peak_tflops:
+        row["mfu"] = row["tflops_per_device"] / self.peak_tflops
     if skipped:
       row["skipped_updates"] = skipped
     return row
@@ -407,10 +416,12 @@ class Trainer:
             last_loss = float(window_losses[-1])
             if writer is not None:
               writer.write(row)
+            mfu = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
             if self.progress is not None:
-              self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+              self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}", **mfu)
             elif self.primary:
-              log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
+              log.info("step %d loss %.4f tokens/s %.0f%s", step, row["loss"], row["tokens_per_sec"],
+                       f" MFU {mfu['mfu']}" if mfu else "")
             window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
