@@ -23,6 +23,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("head_dim", None),
+    ("layers", None),
 )
 
 

@@ -507,6 +507,10 @@ def _log_line(progress, text: str) -> None:
 
 def _sample(module, params, tokenizer, tc, model_cfg) -> str:
   from jaxlm.generate import sample_ids
+  from jaxlm.models import layout
+  if getattr(model_cfg, "scan_layers", False):  # generation runs on the per-block layout
+    model_dict, params = layout.to_per_block(model_cfg.to_dict(), params)
+    model_cfg, module = build_model(model_dict)
   prompt = tokenizer.encode(tc.sample_prompt) or [0]
   new = sample_ids(module, params, prompt, tc.sample_tokens, context=min(tc.seq_len, model_cfg.max_seq_len),
                    temperature=tc.sample_temperature, seed=tc.seed)

@@ -47,8 +47,10 @@ def attention_mask(q_pos_BxT: Array, k_pos_BxS: Array, *, causal: bool, window: 
   return _allowed(q_pos_BxT, k_pos_BxS, causal, window, k_valid_BxS, q_segment_BxT, k_segment_BxS)[:, None]
 
 
-def _allowed(q_pos_BxT, k_pos_BxS, causal, window, k_valid_BxS, q_seg_BxT, k_seg_BxS) -> Array:
-  """[B, T, S] booleans of attention_mask (its definition, shared by the dense mask and each block)."""
+def _allowed(q_pos_BxT, k_pos_BxS, causal, window, k_valid_BxS, q_seg_BxT, k_seg_BxS,
+             layer_window=None) -> Array:
+  """[B, T, S] booleans of attention_mask (its definition, shared by the dense mask and each block).
+  `layer_window`: a window given as data (scanned layers with different windows; <= 0 = none)."""
   q = q_pos_BxT[:, :, None]
   k = k_pos_BxS[:, None, :]
   mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
@@ -56,6 +58,8 @@ def _allowed(q_pos_BxT, k_pos_BxS, causal, window, k_valid_BxS, q_seg_BxT, k_seg
     mask &= k <= q
   if window is not None:
     mask &= k > q - window
+  if layer_window is not None:
+    mask &= (layer_window <= 0) | (k > q - layer_window)
   if k_valid_BxS is not None:
     mask &= k_valid_BxS[:, None, :].astype(bool)
   if q_seg_BxT is not None:
@@ -77,17 +81,22 @@ class MaskSpec:
   causal: bool = flax.struct.field(pytree_node=False, default=True)
   window: Optional[int] = flax.struct.field(pytree_node=False, default=None)
   arange_positions: bool = flax.struct.field(pytree_node=False, default=False)  # positions are 0..T-1 per row
+  layer_window: Optional[Array] = None  # a window as data (scanned layers whose windows differ); <= 0 = none
 
   def dense(self) -> Array:
-    return attention_mask(self.q_pos_BxT, self.k_pos_BxS, causal=self.causal, window=self.window or None,
-                          k_valid_BxS=self.k_valid_BxS, q_segment_BxT=self.q_segment_BxT,
-                          k_segment_BxS=self.k_segment_BxS)
+    return self.allowed(self.q_pos_BxT, self.k_pos_BxS, self.k_valid_BxS, self.q_segment_BxT,
+                        self.k_segment_BxS)[:, None]
+
+  def allowed(self, q_pos, k_pos, k_valid, q_seg, k_seg) -> Array:
+    """[B, T', S'] booleans for a tile of queries and keys (the whole mask when given everything)."""
+    return _allowed(q_pos, k_pos, self.causal, self.window or None, k_valid, q_seg, k_seg, self.layer_window)
 
   @property
   def plain(self) -> bool:
     """Only causal/window structure on positions 0..T-1 (no padding, segments or offsets): what cuDNN's flags
     can express."""
-    return self.arange_positions and self.k_valid_BxS is None and self.q_segment_BxT is None
+    return (self.arange_positions and self.k_valid_BxS is None and self.q_segment_BxT is None
+            and self.layer_window is None)
 
 
 # ----------------------------------------------------------------------------------------------- the reference
@@ -189,7 +198,7 @@ def chunked_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, spec
 
     def key_block(carry, xs):
       ki, k_tile, v_tile, kpos, kvalid, kseg = xs
-      allowed_BxCqxCk = _allowed(qpos, kpos, spec.causal, spec.window or None, kvalid, qseg, kseg)
+      allowed_BxCqxCk = spec.allowed(qpos, kpos, kvalid, qseg, kseg)
 
       def accumulate(carry):
         m, l, acc = carry

@@ -60,6 +60,8 @@ class DecoderConfig(ModelConfigBase):
   attention_impl: str = "auto"   # 'auto' | 'xla' | 'chunked' | 'cudnn' (models/attention.py)
   attention_block: int = 512     # query/key block of the chunked attention
   xent_chunk: int = 0            # tokens per chunk of the training loss's logits; 0 = auto (about 128 MB)
+  scan_layers: bool = False      # the blocks as one nn.scan (params stacked under 'layers'; compile time flat
+                                 # in depth); inference and converters unstack them (models/layout.py)
 
   def validate(self):
     super().validate()
@@ -138,6 +140,22 @@ class DecoderBlock(nn.Module):
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
+class ScannedBlock(nn.Module):
+  """One step of the scanned stack: (x, this layer's window) -> (x, None), under nn.scan in Decoder."""
+  config: DecoderConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, window, positions_BxT, spec):
+    c = self.config
+    if spec.window is None and len(set(c.layer_windows)) > 1:
+      spec = spec.replace(layer_window=window)  # windows that differ per layer are data of the scan
+    policy = c.resolved_remat_policy
+    block_cls = (DecoderBlock if policy == "none" else
+                 nn.remat(DecoderBlock, static_argnums=(4,), policy=REMAT_POLICIES[policy]))
+    return block_cls(c, 0, name="block")(x_BxTxD, positions_BxT, spec, self.deterministic), None
+
+
 class HeadParams(nn.Module):
   """The output projection's arrays ('head/kernel' [D, V], 'head/bias' [V]), for the chunked loss to apply."""
   d_model: int
@@ -175,6 +193,9 @@ class Decoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     b, t = tokens_BxT.shape
     if cache is not None:
+      if c.scan_layers:
+        raise ValueError("cached decoding runs on the unstacked layout: load the model through jaxlm.modeldir "
+                         "(which unstacks scan_layers models) or models.layout.unstack_layers")
       if not c.causal:
         raise ValueError("a KV cache needs a causal model (model.causal=True); decode this one by full recompute")
       if positions_BxT is None:
@@ -194,6 +215,16 @@ class Decoder(nn.Module):
         x_BxTxD, layer_cache = DecoderBlock(c, window, name=f"layers_{i}")(
             x_BxTxD, positions_BxT, None, deterministic, cache=cache[i].chunk(valid_BxT))
         new_cache.append(layer_cache)
+    elif c.scan_layers:
+      windows = c.layer_windows
+      uniform = len(set(windows)) == 1
+      spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, causal=c.causal,
+                                window=(windows[0] or None) if uniform else None, arange_positions=arange_positions)
+      stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers,
+                      metadata_params={nn.PARTITION_NAME: layers.LAYERS})
+      x_BxTxD, _ = stack(c, deterministic, name="layers")(x_BxTxD, jnp.asarray(windows, jnp.int32), positions_BxT,
+                                                          spec)
     else:
       policy = c.resolved_remat_policy
       block_cls = (DecoderBlock if policy == "none" else

@@ -17,6 +17,7 @@ Array = jax.Array
 
 # Logical axis names used on parameters and activations.
 EMBED, VOCAB, MLP, HEADS, KV_HEADS, HEAD_DIM = "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim"
+LAYERS = "layers"  # the stacked axis of scanned layers
 
 
 def _init(stddev: float, names: tuple):
