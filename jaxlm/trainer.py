@@ -34,6 +34,7 @@ from jaxlm import checksum, distributed, flops, fs, optim, sharding
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
+from jaxlm.models.config_base import COMPUTE_ONLY_FIELDS
 from jaxlm.steps import TrainState, eval_step, train_step
 
 log = logging.getLogger("jaxlm.train")
@@ -50,7 +51,14 @@ def _model_dict(config: ml_collections.ConfigDict, vocab_size: int) -> Dict[str,
 
 
 def _check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str) -> None:
-  diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+  """Refuses a checkpoint of another model; fields that only change the computation (dtype, remat, attention
+  implementation, ...) may differ, as may fields added since it was written whose default it computes with."""
+  defaults = {}
+  if saved.get("arch", "decoder") == current.get("arch", "decoder"):
+    config_cls = type(build_model(current)[0])
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+  diff = {k: (saved.get(k, defaults.get(k)), current.get(k)) for k in set(saved) | set(current)
+          if k not in COMPUTE_ONLY_FIELDS and saved.get(k, defaults.get(k)) != current.get(k)}
   if diff:
     details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(f"workdir {workdir!r} holds a different model ({details}); use a new --workdir or the "

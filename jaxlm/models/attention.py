@@ -240,7 +240,8 @@ def cudnn_window(spec: MaskSpec):
 
 
 def cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, spec: MaskSpec, implementation: str = "cudnn"):
-  """The flags-only form of a plain mask (see MaskSpec.plain). `implementation='xla'` runs the same call on any backend (tests check the flag translation with it)."""
+  """The flags-only form of a plain mask (see MaskSpec.plain). `implementation='xla'` runs the same call on any
+  backend (tests check the flag translation with it)."""
   is_causal, window = cudnn_window(spec)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=is_causal,
                                       local_window_size=window, implementation=implementation)
