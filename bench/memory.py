@@ -86,10 +86,10 @@ def jax_worker(name: str, steps: int, overrides) -> dict:
     state, metrics = step(state, batch, jax.random.key(1))
     float(metrics["loss"])
     times.append(time.perf_counter() - start)
-  from jaxlm import flops
   try:
+    from jaxlm import flops
     flops_per_token = flops.training_flops_per_token(model_cfg, t)
-  except ValueError:
+  except (ImportError, ValueError):  # a tree before jaxlm/flops.py (bench/memory.py measures older trees too)
     flops_per_token = None
   device = jax.devices()[0]
   peak_device_gib = None

@@ -22,6 +22,7 @@ def get_config(variant: str = ""):
   c = base_config()
   # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
   c.model.dtype = "auto"
+  c.model.vocab_multiple = 128  # vocabulary axes padded inside the model (even sharding, aligned matmuls)
   c.model.update(
       family="optimus_prime", vocab_size=50257, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=4096,
       norm="rms", norm_eps=EPS_F32, rope_style="interleaved", rope_theta=1e4, glu="silu",
@@ -37,7 +38,8 @@ def get_config(variant: str = ""):
   if variant == "original":
     pass
   elif variant == "tiny":
-    c.model.update(dtype="float32", vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
+    c.model.update(dtype="float32", vocab_multiple=1)  # the CPU recipe: exact float32, no padding
+    c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
                    max_seq_len=128, remat=False)
     c.data.update(corpus="dolly_sample", tokenizer="char")  # the hand-written Dolly-schema sample shipped here
     c.opt.update(lr=1e-3, warmup_steps=20)

@@ -148,7 +148,7 @@ def _load_dir(path: str) -> Loaded:
   checkpointer.close()
   params = check_params(config["model"], restored, where=params_path)
   tokenizer_dir = path if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else None
-  model_dict, params = layout.to_per_block(config["model"], params)
+  model_dict, params = layout.canonical(config["model"], params)
   return Loaded(model_dict, params, tokenizer_dir, config.get("source", {}))
 
 
@@ -163,7 +163,7 @@ def load(path: str, which: str = "latest") -> Loaded:
     from jaxlm.checkpoint import restore_for_inference
     model_dict, params, tokenizer_dir = restore_for_inference(path, which)
     params = check_params(model_dict, params, where=path)
-    model_dict, params = layout.to_per_block(model_dict, params)  # a scan_layers run: unstacked for the tools
+    model_dict, params = layout.canonical(model_dict, params)  # scanned / vocabulary-padded runs too
     return Loaded(model_dict, params, tokenizer_dir, {})
   return _load_dir(path)
 

@@ -60,6 +60,8 @@ class DecoderConfig(ModelConfigBase):
   attention_impl: str = "auto"   # 'auto' | 'xla' | 'chunked' | 'cudnn' (models/attention.py)
   attention_block: int = 512     # query/key block of the chunked attention
   xent_chunk: int = 0            # tokens per chunk of the training loss's logits; 0 = auto (about 128 MB)
+  vocab_multiple: int = 1        # pad the vocabulary axes to a multiple of this inside the model (128 in the
+                                 # full-size configs: even sharding, aligned matmuls); logits keep vocab_size
   scan_layers: bool = False      # the blocks as one nn.scan (params stacked under 'layers'; compile time flat
                                  # in depth); inference and converters unstack them (models/layout.py)
 
@@ -101,6 +103,10 @@ class DecoderConfig(ModelConfigBase):
   def layer_windows(self) -> tuple:
     w = self.attention_window
     return tuple(w) if isinstance(w, (tuple, list)) else (w,) * self.n_layers
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // max(self.vocab_multiple, 1)) * max(self.vocab_multiple, 1)
 
   @property
   def resolved_remat_policy(self) -> str:
@@ -160,14 +166,16 @@ class HeadParams(nn.Module):
   """The output projection's arrays ('head/kernel' [D, V], 'head/bias' [V]), for the chunked loss to apply."""
   d_model: int
   vocab_size: int
+  padded_vocab: int
   use_bias: bool
   init_std: float
 
   @nn.compact
   def __call__(self):
-    kernel = self.param("kernel", layers._init(self.init_std, (layers.EMBED, layers.VOCAB)),
-                        (self.d_model, self.vocab_size), jnp.float32)
-    bias = (self.param("bias", layers._zeros((layers.VOCAB,)), (self.vocab_size,), jnp.float32)
+    kernel = self.param("kernel", layers._init_real_vocab(self.init_std, (layers.EMBED, layers.VOCAB),
+                                                          self.vocab_size),
+                        (self.d_model, self.padded_vocab), jnp.float32)
+    bias = (self.param("bias", layers._zeros((layers.VOCAB,)), (self.padded_vocab,), jnp.float32)
             if self.use_bias else None)
     return kernel, bias
 
@@ -205,8 +213,9 @@ class Decoder(nn.Module):
     arange_positions = positions_BxT is None
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
-                     embedding_init=layers._init(c.embed_init_std, (layers.VOCAB, layers.EMBED)))
+    embed = nn.Embed(c.padded_vocab, c.d_model, dtype=dtype, name="embed",
+                     embedding_init=layers._init_real_vocab(c.embed_init_std, (layers.VOCAB, layers.EMBED),
+                                                            c.vocab_size))
     x_BxTxD = embed(tokens_BxT)
     if cache is not None:
       valid_BxT = jnp.ones((b, t), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
@@ -240,7 +249,7 @@ class Decoder(nn.Module):
     project = self._head(embed, dtype)
     if return_hidden:
       return x_BxTxD, project
-    logits = project(x_BxTxD)
+    logits = project(x_BxTxD)[..., :c.vocab_size]  # the padded ids are not part of the model's vocabulary
     return logits if cache is None else (logits, new_cache)
 
   def _head(self, embed: nn.Embed, dtype):
@@ -248,19 +257,22 @@ class Decoder(nn.Module):
     c = self.config
     if c.tie_embeddings:
       table_VxD = embed.embedding
-      bias_V = (self.param("head_bias", layers._zeros((layers.VOCAB,)), (c.vocab_size,), jnp.float32)
+      bias_V = (self.param("head_bias", layers._zeros((layers.VOCAB,)), (c.padded_vocab,), jnp.float32)
                 if c.head_bias else None)
       matmul = lambda h: jnp.einsum("...d,vd->...v", h.astype(dtype), table_VxD.astype(dtype))
     else:
-      kernel_DxV, bias_V = HeadParams(c.d_model, c.vocab_size, c.head_bias, c.head_init_std or c.init_std,
-                                      name="head")()
+      kernel_DxV, bias_V = HeadParams(c.d_model, c.vocab_size, c.padded_vocab, c.head_bias,
+                                      c.head_init_std or c.init_std, name="head")()
       matmul = lambda h: jnp.einsum("...d,dv->...v", h.astype(dtype), kernel_DxV.astype(dtype))
 
     def project(h):
       logits = matmul(h)
       if bias_V is not None:
         logits = logits + bias_V.astype(logits.dtype)
-      return logits.astype(jnp.float32)
+      logits = logits.astype(jnp.float32)
+      if c.padded_vocab > c.vocab_size:  # padding ids never win (kept in the array: the vocab axis stays even)
+        logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, jnp.finfo(jnp.float32).min)
+      return logits
 
     return project
 

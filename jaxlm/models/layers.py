@@ -24,6 +24,19 @@ def _init(stddev: float, names: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
+def _init_real_vocab(stddev: float, names: tuple, vocab_size: int):
+  """Normal init whose entries beyond the first `vocab_size` along the 'vocab' axis are zero (padding ids: never
+  looked up, their logits masked, so they get no gradient and stay zero)."""
+  axis = names.index(VOCAB)
+
+  def init(key, shape, dtype=jnp.float32):
+    value = nn.initializers.normal(stddev)(key, shape, dtype)
+    real = jnp.arange(shape[axis]) < vocab_size
+    return jnp.where(real.reshape([-1 if i == axis else 1 for i in range(len(shape))]), value, 0)
+
+  return nn.with_logical_partitioning(init, names)
+
+
 def _zeros(names: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
