@@ -39,6 +39,8 @@ from jaxlm.config_defaults import base_config
 
 def get_config(variant: str = ""):
   c = base_config("hrm")
+  # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
+  c.model.dtype = "auto"
   c.model.update(
       arch="hrm", family="hrm", vocab_size=0, d_model=256, n_heads=8, l_layers=3, h_layers=3, expansion=2.5,
       mlp_rounding="round", n_cycles=2, t_steps=2, halt_max_steps=8, halt_exploration_prob=0.1,
@@ -59,7 +61,7 @@ def get_config(variant: str = ""):
     # One-block L and H modules of width 128 in normal mode (2 x 2: 6 block applications per segment), two ACT
     # segments trained with deep supervision and Q-learning; 600 steps of 16 x 64 characters. Evaluation runs
     # the ACT inference loop, as score and generate do.
-    c.model.update(d_model=128, n_heads=4, l_layers=1, h_layers=1, mlp_multiple=64, halt_max_steps=2)
+    c.model.update(dtype="float32", d_model=128, n_heads=4, l_layers=1, h_layers=1, mlp_multiple=64, halt_max_steps=2)
     c.data.update(eval_batches=16)
     c.opt.update(lr=2e-3, warmup_steps=50, b2=0.99, weight_decay=0.1)
     c.train.update(steps=600, batch_size=16, seq_len=64, eval_every=200, save_every=200, log_every=50,

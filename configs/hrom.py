@@ -18,6 +18,11 @@ from jaxlm.config_defaults import base_config
 
 def get_config(variant: str = ""):
   c = base_config()
+  # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
+  c.model.dtype = "auto"
+  c.model.vocab_multiple = 128  # vocabulary axes padded inside the model (even sharding, aligned matmuls)
+  # One scanned, rematerialised block stack: what keeps the full-size config within 8 GiB on a CPU (bench/memory.py).
+  c.model.update(scan_layers=True, remat_policy="full")
   c.model.update(
       family="hrom", vocab_size=32000, d_model=512, n_layers=6, n_heads=8, d_ff=2048,
       norm="layer", norm_eps=1e-5, rope_style="half", rope_theta=1e4, glu="sigmoid",
@@ -34,6 +39,8 @@ def get_config(variant: str = ""):
   if variant == "original":
     pass
   elif variant == "tiny":
+    # The CPU recipe: exact float32, no padding, blocks unrolled and not rematerialised (fastest at this size).
+    c.model.update(dtype="float32", vocab_multiple=1, scan_layers=False, remat_policy="none")
     c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, d_ff=256, max_seq_len=128,
                    dropout=0.0, attention_dropout=0.0)
     c.data.update(tokenizer="char", vocab_size=0)

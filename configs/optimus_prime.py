@@ -20,6 +20,11 @@ EPS_F32 = 1.1920928955078125e-07
 
 def get_config(variant: str = ""):
   c = base_config()
+  # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
+  c.model.dtype = "auto"
+  c.model.vocab_multiple = 128  # vocabulary axes padded inside the model (even sharding, aligned matmuls)
+  # One scanned, rematerialised block stack: what keeps the full-size config within 8 GiB on a CPU (bench/memory.py).
+  c.model.update(scan_layers=True, remat_policy="full")
   c.model.update(
       family="optimus_prime", vocab_size=50257, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=4096,
       norm="rms", norm_eps=EPS_F32, rope_style="interleaved", rope_theta=1e4, glu="silu",
@@ -35,8 +40,10 @@ def get_config(variant: str = ""):
   if variant == "original":
     pass
   elif variant == "tiny":
-    c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, max_seq_len=128,
-                   remat=False)
+    # The CPU recipe: exact float32, no padding, blocks unrolled and not rematerialised (fastest at this size).
+    c.model.update(dtype="float32", vocab_multiple=1, scan_layers=False, remat_policy="none")
+    c.model.update(vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
+                   max_seq_len=128, remat=False)
     c.data.update(corpus="dolly_sample", tokenizer="char")  # the hand-written Dolly-schema sample shipped here
     c.opt.update(lr=1e-3, warmup_steps=20)
     c.train.update(steps=200, batch_size=8, seq_len=128, eval_every=50, save_every=100, sample_tokens=100,

@@ -19,6 +19,11 @@ from jaxlm.config_defaults import base_config
 
 def get_config(variant: str = ""):
   c = base_config()
+  # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
+  c.model.dtype = "auto"
+  c.model.vocab_multiple = 128  # vocabulary axes padded inside the model (even sharding, aligned matmuls)
+  # One scanned, rematerialised block stack: what keeps the full-size config within 8 GiB on a CPU (bench/memory.py).
+  c.model.update(scan_layers=True, remat_policy="full")
   c.model.update(
       family="yinggem", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=1024,
       norm="rms", norm_eps=1e-6, rope_style="half", rope_theta=1e4, glu="sigmoid",
@@ -36,6 +41,8 @@ def get_config(variant: str = ""):
     # nanoGPT's CPU Shakespeare-char recipe: 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps,
     # AdamW 1e-3 (beta2 0.99, wd 0.1), 100 warmup steps, cosine to 1e-4, no dropout. The MLP width keeps
     # nanoGPT's 8*D^2 MLP parameters with a gated MLP (3*D*F). Window 64 = context: full causal attention.
+    # The CPU recipe: exact float32, no padding, blocks unrolled and not rematerialised (fastest at this size).
+    c.model.update(dtype="float32", vocab_multiple=1, scan_layers=False, remat_policy="none")
     c.model.update(vocab_size=0, d_model=128, n_layers=4, n_heads=4, d_ff=344, attention_window=64,
                    attention_dropout=0.0, init_std=0.02, out_init_std=0.02 / (2 * 4) ** 0.5, max_seq_len=64)
     c.data.update(tokenizer="char", val_fraction=0.1)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlm.models import build_model
+from jaxlm.models import build_model, layout
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -148,7 +148,8 @@ def _load_dir(path: str) -> Loaded:
   checkpointer.close()
   params = check_params(config["model"], restored, where=params_path)
   tokenizer_dir = path if os.path.isfile(os.path.join(path, TOKENIZER_FILE)) else None
-  return Loaded(config["model"], params, tokenizer_dir, config.get("source", {}))
+  model_dict, params = layout.canonical(config["model"], params)
+  return Loaded(model_dict, params, tokenizer_dir, config.get("source", {}))
 
 
 def is_workdir(path: str) -> bool:
@@ -162,7 +163,8 @@ def load(path: str, which: str = "latest") -> Loaded:
     from jaxlm.checkpoint import restore_for_inference
     model_dict, params, tokenizer_dir = restore_for_inference(path, which)
     params = check_params(model_dict, params, where=path)
-    return Loaded(dict(model_dict), params, tokenizer_dir, {})
+    model_dict, params = layout.canonical(model_dict, params)  # scanned / vocabulary-padded runs too
+    return Loaded(model_dict, params, tokenizer_dir, {})
   return _load_dir(path)
 
 

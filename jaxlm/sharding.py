@@ -6,12 +6,15 @@ vocabulary over 'model' (tensor parallelism); `mesh.fsdp > 1` shards the embed a
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -23,6 +26,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
     ("heads", "model"),
     ("kv_heads", "model"),
     ("head_dim", None),
+    ("layers", None),
 )
 
 
@@ -53,26 +57,90 @@ def rules_from_config(mesh_cfg) -> Tuple[Tuple[str, Any], ...]:
 def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned (others are replicated).
 
-  A dimension that the mesh axes do not divide evenly (say a 65-character vocabulary over model=2) stays
-  replicated instead of failing: correct, just less sharded.
+  Optimizer states inherit their parameter's box; a state of another shape follows the axes it keeps
+  (Adafactor's factored statistics drop one of the parameter's two largest axes) or, for placeholders, is
+  replicated. A dimension that the mesh axes do not divide evenly (say a 65-character vocabulary over model=2)
+  stays replicated instead of failing, with a warning naming the parameter.
   """
-  specs = nn.get_partition_spec(boxed_tree)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  shapes = nn.unbox(boxed_tree)
-  return jax.tree.map(lambda sh, x: _divisible(sh, x.shape, mesh), shardings, shapes)
+  param_shapes = {}
+  if hasattr(boxed_tree, "params"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        boxed_tree.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
+      param_shapes[_param_path(path)] = tuple(getattr(leaf, "value", leaf).shape)
+  dropped = {}
+
+  def one(path, leaf):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, P())
+    shape = tuple(leaf.value.shape)
+    names = _state_names(_param_path(path), tuple(leaf.names), shape, param_shapes)
+    spec = []
+    for dim, axes in zip(shape, _mesh_axes(names, rules, mesh)):
+      ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      if dim % ways:
+        if _param_path(path).startswith("params/") or not param_shapes:
+          dropped.setdefault(_param_path(path), (dim, axes))
+        axes = ()
+      spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(*spec))
+
+  shardings = jax.tree_util.tree_map_with_path(one, boxed_tree,
+                                               is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for where, (dim, axes) in sorted(dropped.items()):
+    log.warning("sharding: %s has a dimension of %d that mesh axes %s (%d ways) do not divide; it is replicated "
+                "along them instead", where, dim, "x".join(axes), int(np.prod([mesh.shape[a] for a in axes])))
+  return shardings
 
 
-def _divisible(named: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
-  spec = []
-  for dim, axes in zip(shape, tuple(named.spec) + (None,) * (len(shape) - len(named.spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    spec.append(axes if dim % ways == 0 else None)
-  return NamedSharding(mesh, P(*spec))
+def _state_names(where: str, names: tuple, shape: tuple, param_shapes) -> tuple:
+  """The logical names of an array boxed with its parameter's `names`: the parameter's own, or for an optimizer
+  state of another shape the names of the axes it keeps (found by deleting the parameter axis it lacks)."""
+  if len(names) == len(shape) and (where.startswith("params/") or not param_shapes):
+    return names
+  matches = [p for p in param_shapes if where.endswith("/" + p)]
+  param = param_shapes[max(matches, key=len)] if matches else None
+  if param is None or len(param) != len(names):
+    return names if len(names) == len(shape) else (None,) * len(shape)
+  if tuple(param) == shape:
+    return names
+  # Adafactor's v_row / v_col: the parameter minus its largest axis (v_row; the last of equal sizes) or minus
+  # its second largest (v_col; the first of equal sizes), optax's factored_dims.
+  axes = [a for a in range(len(param)) if param[:a] + param[a + 1:] == shape]
+  if axes:
+    axis = axes[-1] if "/v_row/" in where else axes[0]
+    return names[:axis] + names[axis + 1:]
+  return (None,) * len(shape)  # a placeholder ((1,)-shaped unfactored statistics) or anything else
+
+
+def _mesh_axes(names: tuple, rules, mesh: Mesh) -> list:
+  """Mesh axes (a tuple, possibly empty) per logical name: the first rule whose axes this array does not use yet."""
+  used, out = set(), []
+  for name in names:
+    chosen = ()
+    for logical, axes in rules:
+      if logical != name:
+        continue
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      if not used & set(axes):
+        chosen = tuple(a for a in axes if a in mesh.shape)
+        break
+    used |= set(chosen)
+    out.append(chosen)
+  return out
+
+
+def _param_path(path) -> str:
+  parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return "/".join(parts)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+  """[grad_accum, batch / grad_accum, ...] microbatches: the second axis sharded as the batch is."""
+  return NamedSharding(mesh, P(None, ("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -84,6 +152,15 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch
   if batch_size % shards:
     raise ValueError(f"{field}={batch_size} is not divisible by the {shards} data-parallel shards of "
                      f"mesh {dict(mesh.shape)}; pick a multiple of {shards} or change mesh.data")
+
+
+def check_microbatch_divisible(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+  """Each microbatch is spread over every data shard (steps.split_microbatches), so it must divide evenly."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % grad_accum or (batch_size // grad_accum) % shards:
+    raise ValueError(f"train.batch_size={batch_size} / opt.grad_accum={grad_accum} must be a whole multiple of the "
+                     f"{shards} data-parallel shards of mesh {dict(mesh.shape)} (every device computes an equal "
+                     f"share of every microbatch); pick a batch size that is a multiple of {grad_accum * shards}")
 
 
 def process_rows(batch_sh: NamedSharding, batch_size: int) -> np.ndarray | None:

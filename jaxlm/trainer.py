@@ -30,10 +30,11 @@ import numpy as np
 from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import checksum, distributed, fs, optim, sharding
+from jaxlm import checksum, distributed, flops, fs, optim, sharding
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
+from jaxlm.models.config_base import COMPUTE_ONLY_FIELDS
 from jaxlm.steps import TrainState, eval_step, train_step
 
 log = logging.getLogger("jaxlm.train")
@@ -50,7 +51,14 @@ def _model_dict(config: ml_collections.ConfigDict, vocab_size: int) -> Dict[str,
 
 
 def _check_same_model(saved: Dict[str, Any], current: Dict[str, Any], workdir: str) -> None:
-  diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+  """Refuses a checkpoint of another model; fields that only change the computation (dtype, remat, attention
+  implementation, ...) may differ, as may fields added since it was written whose default it computes with."""
+  defaults = {}
+  if saved.get("arch", "decoder") == current.get("arch", "decoder"):
+    config_cls = type(build_model(current)[0])
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+  diff = {k: (saved.get(k, defaults.get(k)), current.get(k)) for k in set(saved) | set(current)
+          if k not in COMPUTE_ONLY_FIELDS and saved.get(k, defaults.get(k)) != current.get(k)}
   if diff:
     details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(f"workdir {workdir!r} holds a different model ({details}); use a new --workdir or the "
@@ -134,6 +142,7 @@ class Trainer:
     sharding.check_batch_divisible(tc.batch_size, self.mesh)
     if tc.batch_size % config.opt.grad_accum:
       raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by opt.grad_accum={config.opt.grad_accum}")
+    sharding.check_microbatch_divisible(tc.batch_size, config.opt.grad_accum, self.mesh)
     self.eval_batch_size = tc.get("eval_batch_size", 0) or tc.batch_size
     sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
     self.batch_sh = sharding.batch_sharding(self.mesh)
@@ -149,6 +158,11 @@ class Trainer:
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(config.mesh))
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed).params))
+    try:
+      self.flops_per_token = flops.training_flops_per_token(self.model_cfg, tc.seq_len)
+    except ValueError:
+      self.flops_per_token = None
+    self.peak_tflops = flops.peak_tflops(jax.devices()[0].device_kind)
 
     self.run_meta: Dict[str, Any] = {"best_eval_loss": math.inf, "bad_evals": 0, "eval_history": []}
     self.state, saved_meta = self._restore_or_init(boxed)
@@ -250,7 +264,8 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     self.step_fn = jax.jit(
         functools.partial(train_step, module=self.module, optimizer=self.optimizer,
-                          grad_accum=self.config.opt.grad_accum),
+                          grad_accum=self.config.opt.grad_accum,
+                          microbatch_sharding=sharding.microbatch_sharding(self.mesh)),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     self.eval_fn = jax.jit(functools.partial(eval_step, module=self.module),
@@ -345,6 +360,10 @@ class Trainer:
            "tokens_per_sec": window_steps * self.tc.batch_size * self.tc.seq_len / elapsed,
            "lr": float(self.schedule(step - 1)), "elapsed_s": time.perf_counter() - self.run_start,
            **{k: float(v) for k, v in step_metrics.items() if k not in ("loss", "nonfinite")}}
+    if self.flops_per_token:
+      row["tflops_per_device"] = self.flops_per_token * row["tokens_per_sec"] / jax.device_count() / 1e12
+      if self.peak_tflops:
+        row["mfu"] = row["tflops_per_device"] / self.peak_tflops
     if skipped:
       row["skipped_updates"] = skipped
     return row
@@ -405,10 +424,12 @@ class Trainer:
             last_loss = float(window_losses[-1])
             if writer is not None:
               writer.write(row)
+            mfu = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
             if self.progress is not None:
-              self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+              self.progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:,.0f}", **mfu)
             elif self.primary:
-              log.info("step %d loss %.4f tokens/s %.0f", step, row["loss"], row["tokens_per_sec"])
+              log.info("step %d loss %.4f tokens/s %.0f%s", step, row["loss"], row["tokens_per_sec"],
+                       f" MFU {mfu['mfu']}" if mfu else "")
             window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
@@ -494,6 +515,10 @@ def _log_line(progress, text: str) -> None:
 
 def _sample(module, params, tokenizer, tc, model_cfg) -> str:
   from jaxlm.generate import sample_ids
+  from jaxlm.models import layout
+  if getattr(model_cfg, "scan_layers", False):  # generation runs on the per-block layout
+    model_dict, params = layout.to_per_block(model_cfg.to_dict(), params)
+    model_cfg, module = build_model(model_dict)
   prompt = tokenizer.encode(tc.sample_prompt) or [0]
   new = sample_ids(module, params, prompt, tc.sample_tokens, context=min(tc.seq_len, model_cfg.max_seq_len),
                    temperature=tc.sample_temperature, seed=tc.seed)

@@ -180,7 +180,8 @@ MODEL_RULES: Dict[str, Rule] = {
     "embed_init_std": number(0), "init_std": number(0), "out_init_std": number(0), "head_init_std": number(0),
     "ponder_loss_weight": number(0),
     "attention_window": integer(0, note="0 = full attention", per_item=True),
-    "dtype": choice("float32", "bfloat16", "float16"),
+    "dtype": choice("auto", "float32", "bfloat16", "float16"),
+    "attention_block": integer(1), "xent_chunk": integer(0, note="0 = auto"), "vocab_multiple": integer(1),
 }
 _TYPE_RULES = {"int": integer(0), "float": number(), "bool": BOOL, "str": STRING}
 

@@ -24,6 +24,16 @@ def register_module(arch: str, module_cls: type) -> None:
   _REGISTRY[arch] = (config_cls, module_cls)
 
 
+# Fields that change how a model computes but not its parameters: a checkpoint resumes across them.
+COMPUTE_ONLY_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "attention_block", "xent_chunk")
+
+
+def auto_dtype() -> str:
+  """model.dtype='auto': bfloat16 on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU."""
+  import jax
+  return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfigBase:
   """Base for model configs: construction from a plain dict with a clear error on unknown fields."""
@@ -37,6 +47,8 @@ class ModelConfigBase:
     if unknown:
       raise ValueError(f"unknown model config field(s) {unknown} for arch {cls.arch!r}; known fields: {sorted(known)}")
     cooked = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if cooked.get("dtype") == "auto":
+      cooked["dtype"] = auto_dtype()
     config = cls(**cooked)
     config.validate()
     return config

@@ -11,14 +11,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models import attention
+
 Array = jax.Array
 
 # Logical axis names used on parameters and activations.
 EMBED, VOCAB, MLP, HEADS, KV_HEADS, HEAD_DIM = "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim"
+LAYERS = "layers"  # the stacked axis of scanned layers
 
 
 def _init(stddev: float, names: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _init_real_vocab(stddev: float, names: tuple, vocab_size: int):
+  """Normal init whose entries beyond the first `vocab_size` along the 'vocab' axis are zero (padding ids: never
+  looked up, their logits masked, so they get no gradient and stay zero)."""
+  axis = names.index(VOCAB)
+
+  def init(key, shape, dtype=jnp.float32):
+    value = nn.initializers.normal(stddev)(key, shape, dtype)
+    real = jnp.arange(shape[axis]) < vocab_size
+    return jnp.where(real.reshape([-1 if i == axis else 1 for i in range(len(shape))]), value, 0)
+
+  return nn.with_logical_partitioning(init, names)
 
 
 def _zeros(names: tuple):
@@ -97,64 +113,11 @@ def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float, style: str)
   return out.astype(x_BxTxNxH.dtype)
 
 
-# ----------------------------------------------------------------------------------------------- masks
-def attention_mask(q_pos_BxT: Array, k_pos_BxS: Array, *, causal: bool, window: Optional[int],
-                   k_valid_BxS: Optional[Array] = None) -> Array:
-  """Boolean mask [B, 1, T, S], True = query may attend to key. One definition for every family.
-
-  causal: key position <= query position.
-  window W: key position > query position - W (the query and the W-1 keys before it when causal).
-    With causal=False this is original YingGem's mask: everything from q - W + 1 onwards, the future included.
-  k_valid: False for padding keys (and for empty cache slots).
-  """
-  q = q_pos_BxT[:, :, None]
-  k = k_pos_BxS[:, None, :]
-  mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
-  if causal:
-    mask &= k <= q
-  if window is not None:
-    mask &= k > q - window
-  if k_valid_BxS is not None:
-    mask &= k_valid_BxS[:, None, :].astype(bool)
-  return mask[:, None, :, :]
-
-
-def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
-                          dropout_rate: float = 0.0, deterministic: bool = True,
-                          dropout_rng: Optional[Array] = None) -> Array:
-  """Scaled dot-product attention with GQA (query head n uses kv head n // (N/K)).
-
-  Without dropout this is jax.nn.dot_product_attention, so XLA can pick a fused kernel. Dropout on the
-  attention probabilities (HROM, YingGem) needs the probabilities, so it takes the explicit path.
-  """
-  n, k = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
-  if n % k:
-    raise ValueError(f"{n} query heads are not a multiple of {k} kv heads")
-  if deterministic or dropout_rate == 0.0:
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
-  return explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, dropout_rate=dropout_rate,
-                            dropout_rng=dropout_rng)
-
-
-def explicit_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
-                       dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
-  """softmax(q k^T / sqrt(H)) v written out, with optional dropout on the probabilities.
-
-  Heads go first ([B, K, G, T, H]) so both products are plain batched matmuls.
-  """
-  b, t, n, h = q_BxTxNxH.shape
-  k = k_BxSxKxH.shape[2]
-  q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
-  v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / jnp.sqrt(h)
-  scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v_BxSxKxH.dtype), v_BxKxSxH)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+# ----------------------------------------------------------------------------------------------- attention
+# The mask and the implementations live in attention.py; these names stay importable from here.
+attention_mask = attention.attention_mask
+dot_product_attention = attention.dot_product_attention
+explicit_attention = attention.explicit_attention
 
 
 class Attention(nn.Module):
@@ -170,11 +133,14 @@ class Attention(nn.Module):
   init_std: float = 0.02
   out_init_std: Optional[float] = None
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"     # see attention.py; a dense mask always takes the xla path
+  attention_block: int = attention.DEFAULT_BLOCK
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, positions_BxT: Array, mask_Bx1xTxS: Optional[Array], *,
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, mask_Bx1xTxS, *,
                deterministic: bool = True, cache=None):
-    """cache: None; a dict {"update": fn(k, v) -> (k, v)} (a hook: `mask` must then cover its keys); or a
+    """mask_Bx1xTxS: a dense boolean mask or an attention.MaskSpec.
+    cache: None; a dict {"update": fn(k, v) -> (k, v)} (a hook: `mask` must then cover its keys); or a
     kv_cache.Chunk, which builds the keys and the mask itself: the call then returns (out, updated LayerKV).
     """
     d = x_BxTxD.shape[-1]
@@ -196,8 +162,9 @@ class Attention(nn.Module):
     elif cache is not None:
       k, v = cache["update"](k, v)
     rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-    out = dot_product_attention(q, k, v, mask_Bx1xTxS, dropout_rate=self.dropout_rate,
-                                deterministic=deterministic, dropout_rng=rng)
+    out = attention.attend(q, k, v, mask_Bx1xTxS, impl=self.attention_impl, dropout_rate=self.dropout_rate,
+                           deterministic=deterministic, dropout_rng=rng, block_q=self.attention_block,
+                           block_k=self.attention_block)
     std = self.init_std if self.out_init_std is None else self.out_init_std
     out = nn.DenseGeneral(
         d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype, name="out",

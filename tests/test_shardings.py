@@ -1,0 +1,53 @@
+"""Train-state shardings: optimizer statistics follow their parameter's axes; an axis the mesh cannot divide is
+named in a warning. Runs on 4 emulated devices (fsdp=2 x model=2) in a subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from multiprocess import ROOT, device_env
+
+
+def _probe(vocab, multiple):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_probe.py"), str(vocab), str(multiple)],
+                       env=device_env(4), capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _factored(shape):
+  """optax.adafactor: (axis v_row drops, axis v_col drops): the largest and the second largest (stable order)."""
+  order = np.argsort(shape, kind="stable")
+  return int(order[-1]), int(order[-2])
+
+
+def test_factored_statistics_keep_their_parameters_shardings_and_padding_shards_the_vocabulary():
+  result = _probe(301, 128)
+  specs = result["specs"]
+  checked = 0
+  for name, param in specs.items():
+    if not name.startswith("params/"):
+      continue
+    rest = name[len("params/"):]
+    row, col = (specs.get(f"opt_state/1/0/{which}/{rest}") for which in ("v_row", "v_col"))
+    if row is None or row["shape"] == [1]:
+      continue  # not factored (small or 1-D): a placeholder
+    drop_row, drop_col = _factored(param["shape"])
+    for state, dropped in ((row, drop_row), (col, drop_col)):
+      assert state["shape"] == [d for i, d in enumerate(param["shape"]) if i != dropped], name
+      assert state["spec"] == [s for i, s in enumerate(param["spec"]) if i != dropped], name
+    checked += 1
+  assert checked >= 4  # embedding, head, MLP in and out
+  assert specs["params/head/kernel"]["spec"] == ["fsdp", "model"]  # 301 padded to 384: the vocabulary sharded
+  assert specs["opt_state/1/0/v_col/head/kernel"]["spec"] == ["model"]
+  assert result["warnings"] == []
+
+
+def test_an_undividable_axis_is_replicated_with_a_warning_naming_the_parameter():
+  result = _probe(301, 1)
+  assert result["specs"]["params/head/kernel"]["spec"] == ["fsdp", None]
+  assert any("params/head/kernel has a dimension of 301 that mesh axes model (2 ways) do not divide" in w
+             for w in result["warnings"]), result["warnings"]
+  assert not any("opt_state" in w for w in result["warnings"])  # one warning per parameter, not per statistic
