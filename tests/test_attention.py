@@ -195,11 +195,11 @@ def test_chunked_cross_entropy_equals_the_whole_one_and_bounds_memory():
   assert losses.auto_xent_chunk(8, 1024, 50257) == 64 and losses.auto_xent_chunk(12, 64, 65) == 64
 
 
-@pytest.mark.parametrize("window,causal", [(0, True), (6, True), (6, False)])
+@pytest.mark.parametrize("window,causal", [(6, True), (6, False)])
 def test_decoder_implementations_agree(window, causal):
   """The whole model: logits and the training loss's gradients equal between the xla and chunked attention
   (and the whole vs chunked loss), GQA and biases included."""
-  config = decoder.DecoderConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+  config = decoder.DecoderConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
                                  attn_bias=True, head_bias=True, causal=causal, attention_window=window,
                                  attention_impl="xla", xent_chunk=1000)
   tokens = jax.random.randint(jax.random.key(0), (2, 30), 0, 97)

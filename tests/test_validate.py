@@ -82,7 +82,7 @@ def test_every_shipped_config_and_variant_passes(path, variant):
     (dict(model__norm_eps=0.0), "model.norm_eps=0.0: must be a number > 0"),
     (dict(model__dropout=1.0), "model.dropout=1.0: must be a number in [0, 1)"),
     (dict(model__attention_window=[64, -1, 0, 0]), "model.attention_window=[64, -1, 0, 0]: must be an integer >= 0"),
-    (dict(model__dtype="int8"), "model.dtype='int8': must be one of 'float32', 'bfloat16', 'float16'"),
+    (dict(model__dtype="int8"), "model.dtype='int8': must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
     (dict(model__n_layers=2.5), "model.n_layers=2.5: must be an integer >= 1"),
     (dict(model__causal=1), "model.causal=1: must be true or false"),
     (dict(model__n_heads=3), "model.n_heads=3 does not divide model.d_model=128"),
