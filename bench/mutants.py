@@ -275,7 +275,8 @@ MUTATIONS: List[Mutation] = [
        "(tiles(hidden_BxTxD)[:-1], tiles(targets_BxT)[:-1], tiles(weights_BxT)[:-1]))")),
     m("padded-vocab-not-masked", "padded vocabulary ids take part in the softmax",
       ["tests/test_vocab_padding.py"],
-      ("jaxlm/models/decoder.py", "      if c.padded_vocab > c.vocab_size:  # padding ids never win", "      if False:")),
+      ("jaxlm/models/decoder.py", "      if c.padded_vocab > c.vocab_size:  # padding ids never win",
+       "      if False:  # padding ids never win")),
     m("scanned-layers-ignore-their-windows", "scanned layers with different windows all use full attention",
       ["tests/test_scan_layers.py"],
       ("jaxlm/models/decoder.py", "      spec = spec.replace(layer_window=window)", "      pass")),
@@ -308,8 +309,8 @@ def _apply(tree: str, mutation: Mutation) -> None:
 
 
 def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
-  """('caught' | 'missed' | 'stale' | 'error', seconds, the first failing test or why). Failed tests, collection
-  errors or a timeout are a catch; a pytest usage error or an empty selection is an error, not a catch."""
+  """('caught' | 'missed' | 'stale' | 'error', seconds, the first failing test or why). Failing tests or a timeout
+  are a catch; collection errors (the mutant itself is broken), usage errors or an empty selection are errors."""
   with tempfile.TemporaryDirectory(prefix="jaxlm-mutant-") as tree:
     _copy_tree(tree)
     try:
@@ -332,8 +333,8 @@ def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
     failed = next((line.split(" ")[1] for line in out.stdout.splitlines() if line.startswith("FAILED ")), "")
     if out.returncode == 0:
       return "missed", seconds, f"{' '.join(tests)} pass"
-    if out.returncode not in (1, 2):  # failed tests or collection errors; a usage error (4) or nothing collected
-      text = (out.stdout + out.stderr).strip()  # (5) is not a catch
+    if out.returncode != 1:  # only failing tests are a catch: a mutant that breaks collection (2) is a broken
+      text = (out.stdout + out.stderr).strip()  # mutant, and a usage error (4) or an empty selection (5) a bad entry
       return "error", seconds, text.splitlines()[-1][:120] if text else f"pytest exit {out.returncode}"
     return "caught", seconds, failed or out.stdout.strip().splitlines()[-1][:120]
 
