@@ -419,6 +419,8 @@ class Trainer:
           interrupted = vote.vote(stop.requested)  # the same answer, at the same step, on every process
 
           if step % tc.log_every == 0 or step == end_step:
+            # The window ends when its last step has run, not when it was dispatched (tokens/s and MFU).
+            jax.block_until_ready(step_metrics["loss"])
             row = self._train_row(step, window_losses, window_steps, time.perf_counter() - window_start,
                                   step_metrics)
             last_loss = float(window_losses[-1])
