@@ -156,9 +156,12 @@ def _to_torch(obj: Any) -> Any:
   `_metadata`, which torch's state_dict() attaches and load_state_dict() reads)."""
   import torch
   if isinstance(obj, np.ndarray):
-    if obj.dtype == ml_dtypes.bfloat16:
-      return torch.from_numpy(np.ascontiguousarray(obj).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(obj))
+    array = np.ascontiguousarray(obj)
+    if not array.flags.writeable:  # torch tensors share the buffer and may be written
+      array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:
+      return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
   if isinstance(obj, collections.OrderedDict):
     out = collections.OrderedDict((k, _to_torch(v)) for k, v in obj.items())
     if hasattr(obj, "_metadata"):
