@@ -72,14 +72,14 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
   def one(path, leaf):
     if not isinstance(leaf, nn.LogicallyPartitioned):
       return NamedSharding(mesh, P())
-    shape = tuple(leaf.value.shape)
-    names = _state_names(_param_path(path), tuple(leaf.names), shape, param_shapes)
+    shape, where = tuple(leaf.value.shape), _param_path(path)
+    names = _state_names(where, tuple(leaf.names), shape, param_shapes)
     spec = []
     for dim, axes in zip(shape, _mesh_axes(names, rules, mesh)):
       ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
       if dim % ways:
-        if _param_path(path).startswith("params/") or not param_shapes:
-          dropped.setdefault(_param_path(path), (dim, axes))
+        if where.startswith("params/") or not param_shapes:  # one warning per parameter, not per statistic
+          dropped.setdefault(where, (dim, axes))
         axes = ()
       spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return NamedSharding(mesh, P(*spec))

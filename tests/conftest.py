@@ -4,6 +4,8 @@ Many tests train the same small models in this process; JAX's persistent compila
 per session, so nothing carries over between runs) lets a program compiled by one test be reused by the next
 instead of compiled again. Subprocess tests share a cache of their own (tests/multiprocess.py).
 """
+import errno
+import os
 import shutil
 import tempfile
 
@@ -26,3 +28,23 @@ def no_compilation_cache():
   jax.config.update("jax_enable_compilation_cache", False)
   yield
   jax.config.update("jax_enable_compilation_cache", True)
+
+
+@pytest.fixture
+def unreadable_config(monkeypatch):
+  """make_unreadable(model_dir) -> the path of its config.json, which jaxlm.modeldir then cannot open
+  (PermissionError), as on a directory without read permission (root ignores chmod)."""
+  from jaxlm import modeldir
+  real_open = open
+
+  def make_unreadable(model_dir):
+    config_json = os.path.join(model_dir, "config.json")
+
+    def guarded_open(path, *args, **kwargs):
+      if str(path) == config_json:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+      return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(modeldir, "open", guarded_open, raising=False)
+    return config_json
+
+  return make_unreadable

@@ -1,5 +1,4 @@
 """jaxlm.generate: the originals' greedy tokens, KV cache == full recompute, sampling, stop ids, streaming, CLI."""
-import errno
 import os
 import signal
 import threading
@@ -329,18 +328,12 @@ def test_long_generations_past_the_context_still_run(strategy):
   assert out.finish == ["length", "length"] and [len(t) for t in out.tokens] == [2000, 2000]
 
 
-def test_cli_position_bound_and_file_system_errors(decoder_dir, capsys, monkeypatch, no_verbose):
+def test_cli_position_bound_and_file_system_errors(decoder_dir, capsys, monkeypatch, no_verbose,
+                                                    unreadable_config):
   argv = ["--checkpoint", decoder_dir, "--prompt-ids", "1,2,3,4,5", "--stop-ids", "none"]
   err = cli_error(capsys, argv + ["--max-new-tokens", "16777215"], 2)
   assert "lower --max-new-tokens to at most 16,777,211" in err
-  config_json = os.path.join(decoder_dir, "config.json")
-  real_open = open
-
-  def unreadable(path, *args, **kwargs):
-    if str(path) == config_json:
-      raise PermissionError(errno.EACCES, "Permission denied", path)
-    return real_open(path, *args, **kwargs)
-  monkeypatch.setattr(modeldir, "open", unreadable, raising=False)
+  config_json = unreadable_config(decoder_dir)
   assert cli_error(capsys, argv, 1) == f"error: {config_json}: permission denied\n"
   assert generate.main(argv + ["--verbose"]) == 1
   err = capsys.readouterr().err

@@ -241,15 +241,8 @@ def test_a_full_disk_leaves_no_partial_output(run, tmp_path, monkeypatch):
   assert os.listdir(out.parent) == []
 
 
-def test_unreadable_inputs_name_the_path(run, hrom_dir, monkeypatch):
-  config_json = os.path.join(hrom_dir, "config.json")
-  real_open = open
-
-  def unreadable(path, *args, **kwargs):
-    if str(path) == config_json:
-      raise PermissionError(errno.EACCES, "Permission denied", path)
-    return real_open(path, *args, **kwargs)
-  monkeypatch.setattr(modeldir, "open", unreadable, raising=False)
+def test_unreadable_inputs_name_the_path(run, hrom_dir, monkeypatch, unreadable_config):
+  config_json = unreadable_config(hrom_dir)
   assert run() == (1, f"error: {config_json}: permission denied\n")
   monkeypatch.undo()
   monkeypatch.delenv("JAXLM_VERBOSE", raising=False)

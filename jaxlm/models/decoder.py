@@ -146,6 +146,14 @@ class DecoderBlock(nn.Module):
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
+def block_class(c: DecoderConfig):
+  """DecoderBlock, rematerialised as model.remat / model.remat_policy say (scanned or not)."""
+  policy = c.resolved_remat_policy
+  if policy == "none":
+    return DecoderBlock
+  return nn.remat(DecoderBlock, static_argnums=(4,), policy=REMAT_POLICIES[policy])
+
+
 class ScannedBlock(nn.Module):
   """One step of the scanned stack: (x, this layer's window) -> (x, None), under nn.scan in Decoder."""
   config: DecoderConfig
@@ -156,10 +164,7 @@ class ScannedBlock(nn.Module):
     c = self.config
     if spec.window is None and len(set(c.layer_windows)) > 1:
       spec = spec.replace(layer_window=window)  # windows that differ per layer are data of the scan
-    policy = c.resolved_remat_policy
-    block_cls = (DecoderBlock if policy == "none" else
-                 nn.remat(DecoderBlock, static_argnums=(4,), policy=REMAT_POLICIES[policy]))
-    return block_cls(c, 0, name="block")(x_BxTxD, positions_BxT, spec, self.deterministic), None
+    return block_class(c)(c, 0, name="block")(x_BxTxD, positions_BxT, spec, self.deterministic), None
 
 
 class HeadParams(nn.Module):
@@ -235,9 +240,7 @@ class Decoder(nn.Module):
       x_BxTxD, _ = stack(c, deterministic, name="layers")(x_BxTxD, jnp.asarray(windows, jnp.int32), positions_BxT,
                                                           spec)
     else:
-      policy = c.resolved_remat_policy
-      block_cls = (DecoderBlock if policy == "none" else
-                   nn.remat(DecoderBlock, static_argnums=(4,), policy=REMAT_POLICIES[policy]))
+      block_cls = block_class(c)
       for i, window in enumerate(c.layer_windows):
         # The mask is described by positions; each attention implementation builds what it needs from it.
         spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, causal=c.causal,
