@@ -6,6 +6,8 @@ vocabulary over 'model' (tensor parallelism); `mesh.fsdp > 1` shards the embed a
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from typing import Any, Sequence, Tuple
 
@@ -74,15 +76,10 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
       return NamedSharding(mesh, P())
     shape, where = tuple(leaf.value.shape), _param_path(path)
     names = _state_names(where, tuple(leaf.names), shape, param_shapes)
-    spec = []
-    for dim, axes in zip(shape, _mesh_axes(names, rules, mesh)):
-      ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-      if dim % ways:
-        if where.startswith("params/") or not param_shapes:  # one warning per parameter, not per statistic
-          dropped.setdefault(where, (dim, axes))
-        axes = ()
-      spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(*spec))
+    spec, undivided = _spec(shape, names, rules, mesh)
+    if undivided and (where.startswith("params/") or not param_shapes):  # one warning per parameter
+      dropped.setdefault(where, undivided)
+    return NamedSharding(mesh, spec)
 
   shardings = jax.tree_util.tree_map_with_path(one, boxed_tree,
                                                is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -112,6 +109,19 @@ def _state_names(where: str, names: tuple, shape: tuple, param_shapes) -> tuple:
   return (None,) * len(shape)  # a placeholder ((1,)-shaped unfactored statistics) or anything else
 
 
+def _spec(shape: tuple, names: tuple, rules, mesh: Mesh):
+  """(PartitionSpec, (dim, axes) of the first dimension left replicated because its axes do not divide it, or
+  None) for an array of `shape` whose dimensions have the logical `names`."""
+  spec, undivided = [], None
+  for dim, axes in zip(shape, _mesh_axes(names, rules, mesh)):
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if dim % ways:
+      undivided = undivided or (dim, axes)
+      axes = ()
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec), undivided
+
+
 def _mesh_axes(names: tuple, rules, mesh: Mesh) -> list:
   """Mesh axes (a tuple, possibly empty) per logical name: the first rule whose axes this array does not use yet."""
   used, out = set(), []
@@ -132,6 +142,46 @@ def _mesh_axes(names: tuple, rules, mesh: Mesh) -> list:
 def _param_path(path) -> str:
   parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- activations
+# Set while a step is traced (activation_sharding); `constrain` reads it. Outside it (generation, scoring, tests
+# of the model alone) constraints are no-ops, so the model code needs no mesh argument.
+_ACTIVATIONS: list = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """Within this context, tracing a model pins its activations (`constrain`) to `mesh` by logical names.
+
+  Wrap the traced function's body, not the call of a jitted one: the constraints are fixed when it is traced."""
+  _ACTIVATIONS.append((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.pop()
+
+
+def tracing_with_activation_sharding(fn, mesh: Mesh, rules):
+  """fn, traced inside activation_sharding(mesh, rules) (what to hand to jax.jit)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with activation_sharding(mesh, rules):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+  """x with a sharding constraint from its dimensions' logical names (e.g. ("batch", "activation_length",
+  "vocab") for logits): the residual stream stays batch-sharded and model-parallel logits stay split over the
+  vocabulary instead of being gathered. A dimension the mesh axes do not divide is left replicated."""
+  if not _ACTIVATIONS:
+    return x
+  mesh, rules = _ACTIVATIONS[-1]
+  if mesh.size == 1:
+    return x
+  spec, _ = _spec(tuple(x.shape), tuple(names), rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

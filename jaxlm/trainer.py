@@ -262,13 +262,15 @@ class Trainer:
   def _compile_steps(self) -> None:
     """The jitted train and eval steps, with the state's shardings in and out and the state's buffers donated."""
     replicated = sharding.replicated(self.mesh)
+    rules = sharding.rules_from_config(self.config.mesh)
+    on_mesh = lambda fn: sharding.tracing_with_activation_sharding(fn, self.mesh, rules)
     self.step_fn = jax.jit(
-        functools.partial(train_step, module=self.module, optimizer=self.optimizer,
-                          grad_accum=self.config.opt.grad_accum,
-                          microbatch_sharding=sharding.microbatch_sharding(self.mesh)),
+        on_mesh(functools.partial(train_step, module=self.module, optimizer=self.optimizer,
+                                  grad_accum=self.config.opt.grad_accum,
+                                  microbatch_sharding=sharding.microbatch_sharding(self.mesh))),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
-    self.eval_fn = jax.jit(functools.partial(eval_step, module=self.module),
+    self.eval_fn = jax.jit(on_mesh(functools.partial(eval_step, module=self.module)),
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)
 

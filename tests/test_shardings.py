@@ -51,3 +51,19 @@ def test_an_undividable_axis_is_replicated_with_a_warning_naming_the_parameter()
   assert any("params/head/kernel has a dimension of 301 that mesh axes model (2 ways) do not divide" in w
              for w in result["warnings"]), result["warnings"]
   assert not any("opt_state" in w for w in result["warnings"])  # one warning per parameter, not per statistic
+
+
+def test_activations_stay_on_their_devices_rows_under_fsdp_and_model_parallelism():
+  """fsdp=4 x model=2, scanned remat blocks, chunked attention and loss. With the residual stream, the heads and the
+  logits constrained (sharding.constrain while the step is traced), every collective on an activation carries this
+  device's 6 of the 24 rows; left to XLA's propagation the same step gathers whole-batch (or half-batch) activations
+  onto a device. Both compute the single-device loss."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "activation_probe.py")], env=device_env(8),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  leading = lambda variant: {int(s.split(",")[0]) for s in report[variant]["activation_collectives"]}
+  assert leading("constrained") <= {6}, report["constrained"]
+  assert leading("unconstrained") & {24, 12}, report["unconstrained"]  # what the constraints prevent
+  for variant in ("constrained", "unconstrained"):
+    assert abs(report[variant]["loss"] - report["single_device_loss"]) <= 1e-5 * report["single_device_loss"]

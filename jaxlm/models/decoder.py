@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
 from jaxlm.models import attention, layers, losses
 from jaxlm.models.config_base import ModelConfigBase, register
 
@@ -118,6 +119,15 @@ class DecoderConfig(ModelConfigBase):
     return tuple((self.kv_heads, self.resolved_head_dim, int(w or 0)) for w in self.layer_windows)
 
 
+# The residual stream's logical axes: batch-sharded, replicated over a model-parallel axis (what Megatron-style
+# tensor parallelism expects between blocks); mesh.rules may map the other two (e.g. sequence parallelism).
+RESIDUAL = (layers.BATCH, layers.ACT_LENGTH, layers.ACT_EMBED)
+
+
+def constrain_residual(x_BxTxD):
+  return sharding.constrain(x_BxTxD, RESIDUAL)
+
+
 class DecoderBlock(nn.Module):
   config: DecoderConfig
   window: int
@@ -142,7 +152,7 @@ class DecoderBlock(nn.Module):
     h = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")(x_BxTxD)
     h = layers.GatedMLP(hidden_dim=c.d_ff, activation=c.glu, use_bias=c.mlp_bias, init_std=c.init_std,
                         out_init_std=out_std, dtype=dtype, name="mlp")(h)
-    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    x_BxTxD = constrain_residual(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
@@ -221,7 +231,10 @@ class Decoder(nn.Module):
     embed = nn.Embed(c.padded_vocab, c.d_model, dtype=dtype, name="embed",
                      embedding_init=layers._init_real_vocab(c.embed_init_std, (layers.VOCAB, layers.EMBED),
                                                             c.vocab_size))
-    x_BxTxD = embed(tokens_BxT)
+    # The lookup reads a table gathered over FSDP's axis (still split over the vocabulary): left to the compiler,
+    # a sharded table's gather moves every device's token ids and partial rows between all devices instead.
+    table_VxD = sharding.constrain(embed.embedding, (layers.VOCAB, None))
+    x_BxTxD = constrain_residual(jnp.take(table_VxD.astype(dtype), tokens_BxT, axis=0))
     if cache is not None:
       valid_BxT = jnp.ones((b, t), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
       new_cache = []
@@ -272,7 +285,7 @@ class Decoder(nn.Module):
       logits = matmul(h)
       if bias_V is not None:
         logits = logits + bias_V.astype(logits.dtype)
-      logits = logits.astype(jnp.float32)
+      logits = sharding.constrain(logits.astype(jnp.float32), RESIDUAL[:-1] + (layers.VOCAB,))
       if c.padded_vocab > c.vocab_size:  # padding ids never win (kept in the array: the vocab axis stays even)
         logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, jnp.finfo(jnp.float32).min)
       return logits

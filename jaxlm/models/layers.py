@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
 from jaxlm.models import attention
 
 Array = jax.Array
@@ -18,6 +19,9 @@ Array = jax.Array
 # Logical axis names used on parameters and activations.
 EMBED, VOCAB, MLP, HEADS, KV_HEADS, HEAD_DIM = "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim"
 LAYERS = "layers"  # the stacked axis of scanned layers
+# Activations only: the batch, and the sequence and width of activations, which no default rule shards (the embed
+# name of parameters is FSDP's axis; an activation's width stays whole on a device).
+BATCH, ACT_LENGTH, ACT_EMBED = "batch", "activation_length", "activation_embed"
 
 
 def _init(stddev: float, names: tuple):
@@ -146,10 +150,11 @@ class Attention(nn.Module):
     d = x_BxTxD.shape[-1]
 
     def proj(name, heads, head_axis):
-      return nn.DenseGeneral(
+      h_BxTxNxH = nn.DenseGeneral(
           (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype, name=name,
           kernel_init=_init(self.init_std, (EMBED, head_axis, HEAD_DIM)),
           bias_init=_zeros((head_axis, HEAD_DIM)))(x_BxTxD)
+      return sharding.constrain(h_BxTxNxH, (BATCH, ACT_LENGTH, head_axis, HEAD_DIM))  # heads stay split
 
     q = proj("query", self.num_heads, HEADS)
     k = proj("key", self.num_kv_heads, KV_HEADS)

@@ -1,0 +1,64 @@
+"""Compiles and runs one train step with fsdp x model parallelism, with and without the activation constraints.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/activation_probe.py
+Used by tests/test_shardings.py; prints JSON: per variant, the activation collectives in the compiled step (shape
+strings of [rows, length or loss chunk, ...] operands) and the loss, plus the loss of the same step on one device.
+"""
+import functools
+import json
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import optim, sharding
+from jaxlm.config_defaults import load_config
+from jaxlm.models import build_model
+from jaxlm.steps import TrainState, train_step
+
+# 24 rows: a leading 24 (or 12) in a collective is the whole (half) batch on one device. An activation is told
+# from a parameter by its second dimension: the sequence (48) or a loss chunk (12), sizes no parameter has.
+BATCH, LENGTH, XENT_CHUNK = 24, 48, 12
+
+
+def main() -> None:
+  c = load_config("configs/yinggem.py:tiny")
+  c.model.update(d_model=64, n_layers=2, n_heads=4, d_ff=128, vocab_size=500, vocab_multiple=128, xent_chunk=XENT_CHUNK,
+                 scan_layers=True, attention_impl="chunked", attention_block=16, remat_policy="full")
+  c.mesh.update(data=1, fsdp=4, model=2)
+  _, module = build_model(c.model.to_dict())
+  optimizer, _ = optim.make_optimizer(c.opt, 100)
+
+  def init(rng):
+    params = module.init({"params": rng}, jnp.zeros((1, 8), jnp.int32))["params"]
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+
+  window = np.random.default_rng(0).integers(0, 500, size=(BATCH, LENGTH + 1)).astype(np.int32)
+  batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "weights": np.ones((BATCH, LENGTH), np.float32)}
+  step = functools.partial(train_step, module=module, optimizer=optimizer, grad_accum=1)
+  single = jax.jit(step)(nn.unbox(init(jax.random.key(0))), batch, jax.random.key(1))[1]["loss"]
+  report = {"single_device_loss": float(single)}
+
+  mesh, rules = sharding.make_mesh(c.mesh), sharding.rules_from_config(c.mesh)
+  state_sh = sharding.logical_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+  batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  for name, fn in (("constrained", sharding.tracing_with_activation_sharding(step, mesh, rules)),
+                   ("unconstrained", step)):
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(jax.random.key(0))
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated))
+    sharded_batch = jax.device_put(batch, batch_sh)
+    text = jitted.lower(state, sharded_batch, jax.random.key(1)).compile().as_text()
+    shapes = []
+    for m in re.finditer(r"= (\S+|\([^)]*\)) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-start)?\(", text):
+      dims = [[int(d) for d in s.split(",")] for s in re.findall(r"\w+\[([\d,]+)\]", m.group(1))]
+      shapes += [",".join(map(str, d)) for d in dims if len(d) >= 3 and d[1] in (LENGTH, XENT_CHUNK)]
+    loss = jitted(state, sharded_batch, jax.random.key(1))[1]["loss"]
+    report[name] = {"activation_collectives": shapes, "loss": float(loss)}
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
