@@ -40,6 +40,7 @@ def get_config(variant: str = ""):
   c = base_config("hrm_text1")
   # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
   c.model.dtype = "auto"
+  c.model.vocab_multiple = 128  # the vocabulary axis padded inside the model (even sharding, aligned matmuls)
   c.model.update(
       family="hrm_text1", vocab_size=32100, d_model=512, n_heads=8, n_layers=12, d_ff=2048,
       max_seq_len=2048, rope_theta=1e4, norm_eps=1e-6, halt_max_steps=8, halt_bias_init=-2.2, halt_eps=1e-6,
@@ -63,8 +64,8 @@ def get_config(variant: str = ""):
     # overfit). The table starts at N(0, 0.02^2), not the original's N(0, 1): tied to the head, a unit-variance
     # table puts the first logits at std ~sqrt(128) (train loss ~88 nats at step 25, validation still 12 at
     # step 150, against 7.4 with 0.02).
-    c.model.update(dtype="float32", d_model=128, n_heads=4, n_layers=2, d_ff=512, max_seq_len=64, halt_max_steps=3,
-                   dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0, embed_init_std=0.02, remat=False)
+    c.model.update(dtype="float32", vocab_multiple=1, d_model=128, n_heads=4, n_layers=2, d_ff=512, max_seq_len=64,
+                   halt_max_steps=3, dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0, embed_init_std=0.02, remat=False)
     c.data.update(eval_batches=8)  # 4,096 of the 17,173 validation tokens
     c.opt.update(warmup_steps=20, grad_accum=2)
     c.train.update(steps=200, batch_size=8, seq_len=64, eval_every=50, save_every=100, log_every=25,

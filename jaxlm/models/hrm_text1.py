@@ -62,9 +62,18 @@ class HRMText1Config(ModelConfigBase):
   init_std: float = 0.0           # 0: normal with torch Linear's default variance 1 / (3 fan_in)
   dtype: str = "float32"          # compute dtype; parameters stay float32
   remat: bool = False             # rematerialise each block in the backward pass (original: True)
+  xent_chunk: int = 0             # tokens per chunk of the training loss's logits; 0 = auto (about 128 MB)
+  vocab_multiple: int = 1         # pad the vocabulary axis to a multiple of this inside the model (see layout.py)
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // max(self.vocab_multiple, 1)) * max(self.vocab_multiple, 1)
 
   def validate(self):
     super().validate()
+    if self.xent_chunk < 0 or self.vocab_multiple < 1:
+      raise ValueError(f"model.xent_chunk={self.xent_chunk} must be >= 0 and model.vocab_multiple="
+                       f"{self.vocab_multiple} >= 1")
     if self.n_heads <= 0 or self.d_model % self.n_heads:
       raise ValueError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
     if self.resolved_head_dim % 2:
@@ -185,16 +194,20 @@ class HRMText1(nn.Module):
 
   @nn.compact
   def ponder(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
-             positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Dict[str, Array]:
+             positions_BxT: Optional[Array] = None, deterministic: bool = True,
+             return_hidden: bool = False) -> Dict[str, Array]:
     """Logits plus the pondering record: halt_probs [n_layers, M, B, T] (0 for steps after an early exit),
-    n_updates [n_layers] (block-pair updates run), expected_updates [B, T] (the differentiable ponder cost)."""
+    n_updates [n_layers] (block-pair updates run), expected_updates [B, T] (the differentiable ponder cost).
+    return_hidden: "hidden" (final-normed [B, T, D]) and "project" (hidden -> float32 logits over the padded
+    vocabulary, padding ids masked) instead of "logits", for the chunked loss."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
-                     embedding_init=layers._init(c.embed_init_std, (layers.VOCAB, layers.EMBED)))
+    embed = nn.Embed(c.padded_vocab, c.d_model, dtype=dtype, name="embed",
+                     embedding_init=layers._init_real_vocab(c.embed_init_std, (layers.VOCAB, layers.EMBED),
+                                                            c.vocab_size))
     zL = embed(tokens_BxT)
     mask = layers.attention_mask(positions_BxT, positions_BxT, causal=True, window=None,
                                  k_valid_BxS=padding_mask_BxT)
@@ -209,9 +222,19 @@ class HRMText1(nn.Module):
     (_, _, total), (probs, n_updates, expected) = stack(c, deterministic, name="layers")(
         carry, positions_BxT, mask, valid)
     x = layers.RMSNorm(eps=c.norm_eps, dtype=dtype, name="final_norm")(total.astype(dtype))
-    logits = embed.attend(x).astype(jnp.float32)  # tied head: the original's lm_head is the embedding
-    return {"logits": logits, "halt_probs": probs, "n_updates": n_updates,
-            "expected_updates": jnp.sum(expected, axis=0)}
+    record = {"halt_probs": probs, "n_updates": n_updates, "expected_updates": jnp.sum(expected, axis=0)}
+
+    table_VxD = embed.embedding  # an array, not the module: `project` runs inside the chunked loss's scan
+
+    def project(h):  # tied head: the original's lm_head is the embedding
+      logits = jnp.einsum("...d,vd->...v", h.astype(dtype), table_VxD.astype(dtype)).astype(jnp.float32)
+      if c.padded_vocab > c.vocab_size:  # padding ids never win
+        logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, jnp.finfo(jnp.float32).min)
+      return logits
+
+    if return_hidden:
+      return {"hidden": x, "project": project, **record}
+    return {"logits": project(x)[..., :c.vocab_size], **record}
 
   def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
                positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -229,8 +252,10 @@ class HRMText1(nn.Module):
     keys and keeps them out of the early exit; causal attention makes right padding harmless without it).
     """
     c = self.config
-    out = self.ponder(batch["inputs"], padding_mask_BxT=batch.get("padding_mask"), deterministic=deterministic)
-    xent, weight = losses.weighted_xent(out["logits"], batch["targets"], batch["weights"])
+    out = self.ponder(batch["inputs"], padding_mask_BxT=batch.get("padding_mask"), deterministic=deterministic,
+                      return_hidden=True)
+    xent, weight = losses.chunked_xent(out["hidden"], out["project"], batch["targets"], batch["weights"],
+                                       chunk=c.xent_chunk)
     if c.ponder_loss == "count":
       per_token = jax.lax.stop_gradient(jnp.sum(out["n_updates"]).astype(jnp.float32))
     else:
