@@ -14,7 +14,8 @@ from typing import Any, Dict, Mapping
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
-from convert.table import COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out, norm
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out,
+                           norm)
 
 # The original module-level CONFIG (HROM_Trainer.py), in its order; sizes are overwritten per model.
 DEFAULT_CONFIG = collections.OrderedDict([

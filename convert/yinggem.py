@@ -16,7 +16,8 @@ from typing import Mapping
 from convert import family as fam
 from convert import layout, torchfile
 from convert.errors import ConversionError
-from convert.table import COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out, norm
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out,
+                           norm)
 
 # YingGemConfig defaults for what the checkpoint does not store.
 DEFAULTS = {"attention_window": 1024, "rms_norm_eps": 1e-6, "attention_dropout": 0.2,
