@@ -83,6 +83,9 @@ class Row:
   slot: Optional[Tuple[int, int]] = None
   when: Optional[str] = None     # a sizes flag: the row exists only when it is true
 
+  def exists(self, sizes: Sizes) -> bool:
+    return self.when is None or bool(sizes[self.when])
+
   def piece_shape(self, sizes: Sizes) -> Tuple[int, ...]:
     return tuple(_dim(dim, sizes) for dim in self.shape.split(","))
 
@@ -152,13 +155,13 @@ class Table:
     """Every row that exists for these sizes, in state_dict order."""
     for entry in self.entries:
       if isinstance(entry, Row):
-        if entry.when is None or sizes[entry.when]:
+        if entry.exists(sizes):
           yield _Bound(entry.torch, entry.jax, entry, None)
         continue
       for i in range(int(sizes[entry.count])):
         prefix = entry.stacked if stacked else entry.per_block.format(i=i)
         for row in entry.rows:
-          if row.when is None or sizes[row.when]:
+          if row.exists(sizes):
             yield _Bound(entry.torch.format(i=i) + row.torch, row.jax and prefix + row.jax, row, i if stacked else None)
 
   def schema(self, sizes: Sizes) -> "collections.OrderedDict[str, Tuple[int, ...]]":
