@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from convert import layout
 from convert.errors import ConversionError
 
 Sizes = Mapping[str, Any]  # "d": 512, "n": 8, ... and flags ("attn_bias": True) and computed buffers ("inv_freq")
@@ -37,23 +36,32 @@ class Transform:
   to_torch: Callable[[np.ndarray, Sizes], np.ndarray]
 
 
+def _c(x: np.ndarray) -> np.ndarray:
+  """A C-contiguous array; reshapes and transposes are copied, so nothing aliases the source checkpoint."""
+  return np.ascontiguousarray(x)
+
+
+# torch nn.Linear stores weight [out, in]; jaxlm's DenseGeneral kernels are [in, ...out axes], attention splitting the
+# out axis into heads: query/key/value kernel [D, heads, head_dim], output kernel [heads, head_dim, D].
 COPY = Transform(lambda x, s: x, lambda x, s: x)
-LINEAR = Transform(lambda w, s: layout.linear(w), lambda k, s: layout.unlinear(k))  # [out, in] <-> [in, out]
-FLAT = Transform(lambda x, s: x.reshape(-1), lambda x, s: x.reshape(1, 1, -1))      # HRM's z0 [1, 1, D] <-> [D]
+LINEAR = Transform(lambda w, s: _c(w.T), lambda k, s: _c(k.T))                   # [out, in] <-> kernel [in, out]
+FLAT = Transform(lambda x, s: x.reshape(-1), lambda x, s: x.reshape(1, 1, -1))  # HRM's z0 [1, 1, D] <-> [D]
 
 
 def heads_in(heads: str) -> Transform:
   """q/k/v weight [heads*head_dim, D] <-> kernel [D, heads, head_dim]; `heads` names a size."""
-  return Transform(lambda w, s: layout.heads_in(w, s[heads]), lambda k, s: layout.unheads_in(k))
+  return Transform(lambda w, s: _c(w.T.reshape(w.shape[1], s[heads], -1)), lambda k, s: _c(k.reshape(k.shape[0], -1).T))
 
 
 def heads_bias(heads: str) -> Transform:
-  return Transform(lambda b, s: layout.heads_bias(b, s[heads]), lambda b, s: layout.unheads_bias(b))
+  """q/k/v bias [heads*head_dim] <-> [heads, head_dim]."""
+  return Transform(lambda b, s: _c(b.reshape(s[heads], -1)), lambda b, s: _c(b.reshape(-1)))
 
 
 def heads_out(heads: str) -> Transform:
   """output weight [D, heads*head_dim] <-> kernel [heads, head_dim, D]."""
-  return Transform(lambda w, s: layout.heads_out(w, s[heads]), lambda k, s: layout.unheads_out(k))
+  return Transform(lambda w, s: _c(w.T.reshape(s[heads], -1, w.shape[0])),
+                   lambda k, s: _c(k.reshape(-1, k.shape[-1]).T))
 
 
 def permuted(inner: Transform, perm: str) -> Transform:
@@ -206,8 +214,8 @@ class Table:
       here[slot], axes[b.path] = x, b.row.slot and b.row.slot[0]
       keys.setdefault((b.path, b.layer), b.key)
     params = {}
-    for path, layers in pieces.items():
-      per_layer = [_join(layers[i], axes[path]) for i in sorted(layers, key=lambda i: -1 if i is None else i)]
+    for path, layers in pieces.items():  # layers in order: bound() yields layer 0 first
+      per_layer = [_join(slots, axes[path]) for slots in layers.values()]
       params[path] = per_layer[0] if None in layers else np.ascontiguousarray(np.stack(per_layer))
     return params
 
