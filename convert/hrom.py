@@ -14,8 +14,8 @@ from typing import Any, Dict, Mapping
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
-from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out,
-                           norm)
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, decoder_sizes, dense, heads_bias,
+                           heads_in, heads_out, norm)
 
 # The original module-level CONFIG (HROM_Trainer.py), in its order; sizes are overwritten per model.
 DEFAULT_CONFIG = collections.OrderedDict([
@@ -122,10 +122,10 @@ class HROM(fam.Family):
     fam.window_of(model)
 
   def write(self, model, params, source, tokenizer, out, options):
-    d, n, n_layers = model["d_model"], model["n_heads"], model["n_layers"]
-    sizes = {"n_layers": n_layers, "inv_freq": layout.torch_rope_inv_freq(d // n, float(model["rope_theta"]))}
+    sizes = decoder_sizes(model)
+    sizes["inv_freq"] = layout.torch_rope_inv_freq(sizes["hd"], float(model["rope_theta"]))
     items = layout.to_dtypes(TABLE.write(params, sizes), source.get("dtypes"))
-    modules = ["", "embed", "blocks"] + [f"blocks.{i}{m}" for i in range(n_layers) for m in BLOCK_MODULES]
+    modules = ["", "embed", "blocks"] + [f"blocks.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
     state = torchfile.state_dict(items, modules + ["norm", "head"])
     extras = jsonable.decode(source.get("extras") or {})
     torchfile.save(self._checkpoint(model, state, extras), out)

@@ -20,7 +20,8 @@ import numpy as np
 from convert import family as fam
 from convert import layout, safetensors_file, torchfile
 from convert.errors import ConversionError
-from convert.table import COPY, LINEAR, Layers, Row, Table, dense, heads_bias, heads_in, heads_out, norm, permuted
+from convert.table import (COPY, LINEAR, Layers, Row, Table, decoder_sizes, dense, heads_bias, heads_in, heads_out,
+                           norm, permuted)
 
 # jaxlm glu activation <-> transformers ACT2FN name
 GLU_TO_HF = {"silu": "silu", "sigmoid": "sigmoid", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -96,13 +97,6 @@ TABLE = Table([
     Row("lm_head.weight", "head/kernel", LINEAR, "v,d", when="untied")])
 
 
-def sizes_of(m: Mapping[str, Any], rope_perm=None) -> Dict[str, Any]:
-  """TABLE's sizes for a jaxlm model dict (all fields resolved)."""
-  return {"v": m["vocab_size"], "d": m["d_model"], "f": m["d_ff"], "n": m["n_heads"], "k": m["n_kv_heads"],
-          "hd": m["head_dim"], "n_layers": m["n_layers"], "attn_bias": m["attn_bias"], "mlp_bias": m["mlp_bias"],
-          "untied": not m["tie_embeddings"], "rope_perm": rope_perm}
-
-
 class Llama(fam.Family):
   name = "llama"
   title = "Hugging Face Llama"
@@ -147,7 +141,7 @@ class Llama(fam.Family):
     if model["tie_embeddings"]:
       tensors.pop("lm_head.weight", None)  # some writers store the tied copy as well
     tensors = {k: t for k, t in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
-    sizes = sizes_of(model)
+    sizes = decoder_sizes(model)
     state = layout.check_state_dict(tensors, TABLE.schema(sizes), _folder(src))
     params = TABLE.read(state, sizes, _folder(src))
     tokenizer = {"kind": "ids", "vocab_size": model["vocab_size"], "bos_id": _special(cfg.get("bos_token_id")),
@@ -165,11 +159,7 @@ class Llama(fam.Family):
 
   def write(self, model, params, source, tokenizer, out, options):
     perm = layout.interleaved_to_half(model["head_dim"]) if model["rope_style"] == "interleaved" else None
-    sizes = sizes_of(model, perm)
-    tensors, expected = dict(TABLE.write(params, sizes)), TABLE.schema(sizes)
-    wrong = [k for k in expected if tensors[k].shape != expected[k]]
-    if wrong:
-      raise ConversionError(f"internal layout error at {wrong[:1]}")
+    tensors = dict(TABLE.write(params, decoder_sizes(model, rope_perm=perm)))
     os.makedirs(out, exist_ok=True)
     safetensors_file.save({k: np.asarray(v, np.float32) for k, v in tensors.items()},
                           os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})

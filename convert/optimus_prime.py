@@ -19,7 +19,7 @@ import numpy as np
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
-from convert.table import COPY, LINEAR, Layers, Row, Table, dense, heads_in, heads_out, norm
+from convert.table import COPY, LINEAR, Layers, Row, Table, decoder_sizes, dense, heads_in, heads_out, norm
 from convert.unpickle import inert_class
 
 DEFAULT_NUM_HEADS = 8           # ModelConfig.num_heads
@@ -158,7 +158,7 @@ class OptimusPrime(fam.Family):
       print(f"note: build the original with ModelConfig(vocab_size={model['vocab_size']}, dim={d}, "
             f"depth={model['n_layers']}, num_heads={n}, num_kv_heads={k}) and mlp_ratio={model['d_ff'] / d:g}; "
             "the checkpoint does not store these", file=sys.stderr)
-    items = TABLE.write(params, {"n_layers": model["n_layers"]})
+    items = TABLE.write(params, decoder_sizes(model))
     modules = ["", "embed", "layers"] + [f"layers.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
     state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "head"])
     if source and not source.get("wrapped", True):

@@ -146,6 +146,15 @@ def norm(module: str, path: str, has_bias: bool = False):
   return rows + (Row(f"{module}.bias", f"{path}/bias", COPY, "d"),) if has_bias else rows
 
 
+def decoder_sizes(model: Mapping[str, Any], **extra) -> Dict[str, Any]:
+  """The sizes and flags decoder tables use, from a jaxlm decoder's model dict (head_dim, n_kv_heads resolved)."""
+  d, n = model["d_model"], model["n_heads"]
+  return {"v": model["vocab_size"], "d": d, "n": n, "k": model.get("n_kv_heads") or n,
+          "hd": model.get("head_dim") or d // n, "f": model["d_ff"], "n_layers": model["n_layers"],
+          "attn_bias": model["attn_bias"], "mlp_bias": model["mlp_bias"], "untied": not model["tie_embeddings"],
+          **extra}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Bound:
   """One row at one layer: its torch key and jaxlm path in the chosen layout."""

@@ -16,8 +16,8 @@ from typing import Mapping
 from convert import family as fam
 from convert import layout, torchfile
 from convert.errors import ConversionError
-from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_bias, heads_in, heads_out,
-                           norm)
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, decoder_sizes, dense, heads_bias,
+                           heads_in, heads_out, norm)
 
 # YingGemConfig defaults for what the checkpoint does not store.
 DEFAULTS = {"attention_window": 1024, "rms_norm_eps": 1e-6, "attention_dropout": 0.2,
@@ -109,7 +109,6 @@ class YingGem(fam.Family):
     fam.window_of(model)
 
   def write(self, model, params, source, tokenizer, out, options):
-    d, n = model["d_model"], model["n_heads"]
     window = fam.window_of(model)
     settings = {"attention_window": window, "rms_norm_eps": model["norm_eps"],
                 "attention_dropout": model["attention_dropout"]}
@@ -120,8 +119,8 @@ class YingGem(fam.Family):
     elif differ:
       print(f"note: the checkpoint does not store {', '.join(f'{k}={v!r}' for k, v in differ.items())}; set them "
             "on YingGemConfig when loading it with the original code", file=sys.stderr)
-    sizes = {"v": model["vocab_size"], "d": d, "n": n, "f": model["d_ff"], "n_layers": model["n_layers"],
-             "inv_freq": layout.torch_rope_inv_freq(d // n, float(model["rope_theta"]))}
+    sizes = decoder_sizes(model)
+    sizes["inv_freq"] = layout.torch_rope_inv_freq(sizes["hd"], float(model["rope_theta"]))
     items = layout.to_dtypes(TABLE.write(params, sizes), source.get("dtypes"))
     modules = ["", "embed", "block"] + [f"block.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
     torchfile.save(torchfile.state_dict(items, modules + ["norm", "lm_head"]), out)
