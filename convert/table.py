@@ -37,7 +37,7 @@ class Transform:
 
 
 def _c(x: np.ndarray) -> np.ndarray:
-  """A C-contiguous array; reshapes and transposes are copied, so nothing aliases the source checkpoint."""
+  """C order: a transposed result is copied into row-major memory (what the writers and jaxlm expect)."""
   return np.ascontiguousarray(x)
 
 
