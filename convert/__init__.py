@@ -3,7 +3,8 @@
   python -m convert torch2jax [--family F] --src PATH --out DIR
   python -m convert jax2torch --src DIR --out PATH [--family F]
 
-One module per format (hrom, optimus_prime, yinggem, llama), each registering a `family.Family`.
+One module per format (hrom, optimus_prime, yinggem, llama, hrm, hrm_text1), each registering a `family.Family`
+and describing its tensors once, as a `table.Table` that its read, its write and its shape check all use.
 Checkpoints are read without torch and without executing pickled code (see unpickle.py, torchfile.py).
 """
 from convert import hrom, llama, optimus_prime, yinggem  # noqa: F401  (each registers its family)

@@ -10,7 +10,6 @@ Not stored: N and T (the chat's default 'normal' 2 x 2 is used; jaxlm's --mode /
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import os
@@ -21,6 +20,7 @@ import numpy as np
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
+from convert.table import COPY, FLAT, LINEAR, Layers, Row, Table, buffer, chunked, dense, heads_in, heads_out, norm
 
 TOKENIZER_JSON = "continual_tokenizer.json"
 SPECIALS = ("<PAD>", "<UNK>", "<BOS>", "<EOS>")
@@ -91,38 +91,21 @@ def _read_tokenizer(src: str, obj: Mapping[str, Any], v: int):
 
 
 # ------------------------------------------------------------------------------------------ tensors
-def schema(v: int, d: int, hd: int, f: int, n_l: int, n_h: int) -> Dict[str, tuple]:
-  s = collections.OrderedDict([("z0_L", (1, 1, d)), ("z0_H", (1, 1, d)), ("input_embedding.embedding_weight", (v, d)),
-                               ("output_head.weight", (v, d)), ("q_head.weight", (2, d)), ("q_head.bias", (2,)),
-                               ("rope.inv_freq", (hd // 2,))])
-  for module, n in (("L_module", n_l), ("H_module", n_h)):
-    for i in range(n):
-      p = f"{module}.layers.{i}."
-      s.update([(p + "attention.qkv_proj.weight", (3 * d, d)), (p + "attention.o_proj.weight", (d, d)),
-                (p + "feed_forward.gate_up_proj.weight", (2 * f, d)), (p + "feed_forward.down_proj.weight", (d, f)),
-                (p + "norm1.weight", (d,)), (p + "norm2.weight", (d,))])
-  return s
-
-
-def _block_params(state, p: str, j: str, d: int, n: int, f: int) -> Dict[str, np.ndarray]:
-  qkv = state[p + "attention.qkv_proj.weight"].reshape(3, d, d)  # view(B, S, 3, heads, hd): [q | k | v]
-  gate, up = state[p + "feed_forward.gate_up_proj.weight"][:f], state[p + "feed_forward.gate_up_proj.weight"][f:]
-  out = {j + f"attn/{name}/kernel": layout.heads_in(qkv[t], n) for t, name in enumerate(("query", "key", "value"))}
-  out.update({j + "attn/out/kernel": layout.heads_out(state[p + "attention.o_proj.weight"], n),
-              j + "mlp/wi/kernel": layout.glu_in(up, gate),  # jaxlm: value (up) at 0, gate at 1
-              j + "mlp/wo/kernel": layout.linear(state[p + "feed_forward.down_proj.weight"]),
-              j + "attn_norm/scale": state[p + "norm1.weight"], j + "mlp_norm/scale": state[p + "norm2.weight"]})
-  return out
-
-
-def _block_items(params, p: str, j: str) -> list:
-  qkv = [layout.unheads_in(params[j + f"attn/{name}/kernel"]) for name in ("query", "key", "value")]
-  up, gate = layout.unglu(params[j + "mlp/wi/kernel"])
-  return [(p + "attention.qkv_proj.weight", np.concatenate(qkv, axis=0)),
-          (p + "attention.o_proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
-          (p + "feed_forward.gate_up_proj.weight", np.concatenate([gate, up], axis=0)),
-          (p + "feed_forward.down_proj.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
-          (p + "norm1.weight", params[j + "attn_norm/scale"]), (p + "norm2.weight", params[j + "mlp_norm/scale"])]
+# One block of a reasoning module: post-norm, qkv [q | k | v] (view(B, S, 3, heads, hd)), SwiGLU gate_up [gate | up].
+BLOCK = (*chunked("attention.qkv_proj", ["attn/query", "attn/key", "attn/value"], heads_in("n"), None, "d,d", False),
+         Row("attention.o_proj.weight", "attn/out/kernel", heads_out("n"), "d,d"),
+         *chunked("feed_forward.gate_up_proj", [("mlp/wi", 1), ("mlp/wi", 0)], LINEAR, None, "f,d", False),
+         Row("feed_forward.down_proj.weight", "mlp/wo/kernel", LINEAR, "d,f"),
+         *norm("norm1", "attn_norm"), *norm("norm2", "mlp_norm"))
+# One description of the tensors for read, write and the shape check.
+TABLE = Table([
+    Row("z0_L", "init_L", FLAT, "1,1,d"), Row("z0_H", "init_H", FLAT, "1,1,d"),
+    Row("input_embedding.embedding_weight", "embed/embedding", COPY, "v,d"),
+    Row("output_head.weight", "head/kernel", LINEAR, "v,d"),
+    *dense("q_head", "q_head", LINEAR, COPY, "2,d"),
+    Row("rope.inv_freq", None, buffer("inv_freq"), "hd/2"),
+    *(Layers(f"{m}.layers.{{i}}.", BLOCK, count, per_block=f"{m}/layers_{{i}}/", stacked=f"{m}/layers/block/")
+      for m, count in (("L_module", "l_layers"), ("H_module", "h_layers")))])
 
 
 def _int_width(expansion: float, d: int) -> int:
@@ -169,20 +152,15 @@ class HRM(fam.Family):
     for key, value in sizes.items():
       if key in config and config[key] != value:
         raise ConversionError(f"{src}: checkpoint config {key}={config[key]!r} but the tensors say {value}")
-    state = layout.check_state_dict(state, schema(v, d, hd, f, n_l, n_h), src)
+    sizes = {"v": v, "d": d, "n": d // hd, "hd": hd, "f": f, "l_layers": n_l, "h_layers": n_h}
+    state = layout.check_state_dict(state, TABLE.schema(sizes), src)
     theta = layout.rope_theta_from_buffer(state["rope.inv_freq"], hd, "rope.inv_freq", src)
     expansion = float(config.get("expansion", CLASS_DEFAULTS["expansion"]))
     if _int_width(expansion, d) != f:
       raise ConversionError(f"{src}: feed_forward width {f} does not follow from expansion {expansion} and hidden "
                             f"size {d} (the original builds {_int_width(expansion, d)})")
 
-    params = {"init_L": state["z0_L"].reshape(d), "init_H": state["z0_H"].reshape(d),
-              "embed/embedding": state["input_embedding.embedding_weight"],
-              "head/kernel": layout.linear(state["output_head.weight"]),
-              "q_head/kernel": layout.linear(state["q_head.weight"]), "q_head/bias": state["q_head.bias"]}
-    for module, n in (("L_module", n_l), ("H_module", n_h)):
-      for i in range(n):
-        params.update(_block_params(state, f"{module}.layers.{i}.", f"{module}/layers_{i}/", d, d // hd, f))
+    params = TABLE.read(state, sizes, src)
     model = {"arch": "hrm", "family": self.name, "vocab_size": v, "d_model": d, "n_heads": d // hd,
              "l_layers": n_l, "h_layers": n_h, "expansion": expansion, "mlp_rounding": "int", "mlp_multiple": 256,
              "n_cycles": DEFAULT_N_T[0], "t_steps": DEFAULT_N_T[1],
@@ -243,20 +221,12 @@ class HRM(fam.Family):
     return values
 
   def write(self, model, params, source, tokenizer, out, options):
-    d, n_l, n_h = model["d_model"], model["l_layers"], model["h_layers"]
-    hd = d // model["n_heads"]
-    items = [("z0_L", params["init_L"].reshape(1, 1, d)), ("z0_H", params["init_H"].reshape(1, 1, d)),
-             ("input_embedding.embedding_weight", params["embed/embedding"]),
-             ("output_head.weight", layout.unlinear(params["head/kernel"])),
-             ("q_head.weight", layout.unlinear(params["q_head/kernel"])), ("q_head.bias", params["q_head/bias"]),
-             ("rope.inv_freq", layout.torch_rope_inv_freq(hd, float(model["rope_theta"])))]
+    sizes = {"l_layers": model["l_layers"], "h_layers": model["h_layers"],
+             "inv_freq": layout.torch_rope_inv_freq(model["d_model"] // model["n_heads"], float(model["rope_theta"]))}
     modules = ["", "input_embedding", "output_head", "q_head", "rope"]
-    for module, n in (("L_module", n_l), ("H_module", n_h)):
-      modules += [module, f"{module}.layers"]
-      for i in range(n):
-        items += _block_items(params, f"{module}.layers.{i}.", f"{module}/layers_{i}/")
-        modules += [f"{module}.layers.{i}{m}" for m in BLOCK_MODULES]
-    state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules)
+    for module, n in (("L_module", model["l_layers"]), ("H_module", model["h_layers"])):
+      modules += [module, f"{module}.layers"] + [f"{module}.layers.{i}{m}" for i in range(n) for m in BLOCK_MODULES]
+    state = torchfile.state_dict(layout.to_dtypes(TABLE.write(params, sizes), source.get("dtypes")), modules)
     extras = jsonable.decode(source.get("extras") or {})
     torchfile.save(self._checkpoint(model, state, source, extras, tokenizer), out)
 

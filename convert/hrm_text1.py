@@ -27,11 +27,10 @@ import numpy as np
 from convert import family as fam
 from convert import layout, safetensors_file, torchfile
 from convert.errors import ConversionError
+from convert.table import COPY, LINEAR, Layers, Row, Table, buffer, dense, heads_in, heads_out, norm
 
 BIN, SAFETENSORS = "pytorch_model.bin", "model.safetensors"
 FORMATS = {"bin": BIN, "safetensors": SAFETENSORS}
-BLOCKS = ("H_module", "L_module")  # construction (state_dict) order inside each layer
-PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
 T5_PIECES = 32000  # the T5 sentencepiece model; len(T5Tokenizer) = 32000 + 100 extra ids
 # HRMText1Config as hrm_training_small_100m.py builds it (MODEL_PARAMS), for what a bare weights file lacks.
 SCRIPT_CONFIG = {"block_size": 2048, "dropout": 0.1, "halt_max_steps": 8, "ponder_loss_weight": 0.01,
@@ -49,69 +48,28 @@ TRAINING_FLAGS = {"ponder_loss": ("count", "the original's loss adds the constan
 
 
 # ------------------------------------------------------------------------------------------ layout
-def schema(v: int, d: int, n_layers: int, hd: int, f: int, tied_copy: bool = True) -> Dict[str, tuple]:
-  """state_dict key -> shape in HRMText1.state_dict() order (lm_head only when the file holds it)."""
-  s = collections.OrderedDict([("token_embeddings.weight", (v, d))])
-  for i in range(n_layers):
-    for block in BLOCKS:
-      p = f"layers.{i}.{block}."
-      s[p + "norm1.weight"] = (d,)
-      for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        s[p + f"attn.{name}.weight"] = (d, d)
-      s.update([(p + "attn.rotary_emb.inv_freq", (hd // 2,)), (p + "norm2.weight", (d,)),
-                (p + "mlp.w1.weight", (f, d)), (p + "mlp.w2.weight", (f, d)), (p + "mlp.w3.weight", (d, f))])
-  s["final_norm.weight"] = (d,)
-  if tied_copy:
-    s["lm_head.weight"] = (v, d)
-  for i in range(n_layers):
-    s[f"halt_heads.{i}.0.weight"], s[f"halt_heads.{i}.0.bias"] = (1, d), (1,)
-  return s
+def _block(m: str):
+  """One of a layer's two blocks: pre-norm, bias-free projections, w3(silu(w1 x) * w2 x) (jaxlm value w2, gate w1)."""
+  return (*norm(f"{m}.norm1", f"{m}/norm1"),
+          *(Row(f"{m}.attn.{t}_proj.weight", f"{m}/attn/{j}/kernel", heads_in("n"), "d,d")
+            for t, j in (("q", "query"), ("k", "key"), ("v", "value"))),
+          Row(f"{m}.attn.out_proj.weight", f"{m}/attn/out/kernel", heads_out("n"), "d,d"),
+          Row(f"{m}.attn.rotary_emb.inv_freq", None, buffer("inv_freq"), "hd/2"),
+          *norm(f"{m}.norm2", f"{m}/norm2"),
+          *dense(f"{m}.mlp.w1", f"{m}/mlp/wi", LINEAR, None, "f,d", False, slot=1),
+          *dense(f"{m}.mlp.w2", f"{m}/mlp/wi", LINEAR, None, "f,d", False, slot=0),
+          Row(f"{m}.mlp.w3.weight", f"{m}/mlp/wo/kernel", LINEAR, "d,f"))
 
 
-def _layer_params(state: Mapping[str, np.ndarray], n_layers: int, n_heads: int) -> Dict[str, np.ndarray]:
-  """Per-layer torch tensors -> jaxlm's stacked (nn.scan) parameters, leading axis = layer."""
-  def stack(fn):
-    return np.ascontiguousarray(np.stack([fn(i) for i in range(n_layers)]))
-
-  params = {}
-  for block in BLOCKS:
-    def t(i, name, block=block):
-      return state[f"layers.{i}.{block}.{name}"]
-
-    j = f"layers/{block}/"
-    params[j + "norm1/scale"] = stack(lambda i: t(i, "norm1.weight"))
-    params[j + "norm2/scale"] = stack(lambda i: t(i, "norm2.weight"))
-    for torch_name, jax_name in PROJECTIONS:
-      params[j + f"attn/{jax_name}/kernel"] = stack(lambda i: layout.heads_in(t(i, f"attn.{torch_name}.weight"), n_heads))
-    params[j + "attn/out/kernel"] = stack(lambda i: layout.heads_out(t(i, "attn.out_proj.weight"), n_heads))
-    params[j + "mlp/wi/kernel"] = stack(lambda i: layout.glu_in(t(i, "mlp.w2.weight"), t(i, "mlp.w1.weight")))
-    params[j + "mlp/wo/kernel"] = stack(lambda i: layout.linear(t(i, "mlp.w3.weight")))
-  params["layers/halt_head/kernel"] = stack(lambda i: layout.linear(state[f"halt_heads.{i}.0.weight"]))
-  params["layers/halt_head/bias"] = stack(lambda i: state[f"halt_heads.{i}.0.bias"])
-  return params
-
-
-def _torch_items(params: Mapping[str, np.ndarray], n_layers: int, inv_freq: np.ndarray):
-  """jaxlm parameters -> (key, array) pairs in state_dict order, without lm_head (the writers add the tie)."""
-  layer = {k: np.asarray(v) for k, v in params.items() if k.startswith("layers/")}
-  items = [("token_embeddings.weight", params["embed/embedding"])]
-  for i in range(n_layers):
-    for block in BLOCKS:
-      p, j = f"layers.{i}.{block}.", f"layers/{block}/"
-      w2, w1 = layout.unglu(layer[j + "mlp/wi/kernel"][i])  # (value, gate)
-      items.append((p + "norm1.weight", layer[j + "norm1/scale"][i]))
-      for torch_name, jax_name in PROJECTIONS:
-        items.append((p + f"attn.{torch_name}.weight", layout.unheads_in(layer[j + f"attn/{jax_name}/kernel"][i])))
-      items += [(p + "attn.out_proj.weight", layout.unheads_out(layer[j + "attn/out/kernel"][i])),
-                (p + "attn.rotary_emb.inv_freq", inv_freq.copy()),
-                (p + "norm2.weight", layer[j + "norm2/scale"][i]),
-                (p + "mlp.w1.weight", w1), (p + "mlp.w2.weight", w2),
-                (p + "mlp.w3.weight", layout.unlinear(layer[j + "mlp/wo/kernel"][i]))]
-  items.append(("final_norm.weight", params["final_norm/scale"]))
-  for i in range(n_layers):
-    items += [(f"halt_heads.{i}.0.weight", layout.unlinear(layer["layers/halt_head/kernel"][i])),
-              (f"halt_heads.{i}.0.bias", np.ascontiguousarray(layer["layers/halt_head/bias"][i]))]
-  return [(k, np.array(v, order="C")) for k, v in items]  # owned, writable copies (torch.from_numpy)
+# HRMText1.state_dict() order; jaxlm's layers are always scanned ("layers/...", a leading layer axis). lm_head is the
+# tied embedding: a file may hold it (tied_copy), it must then be equal, and it is written as the same table.
+TABLE = Table([
+    Row("token_embeddings.weight", "embed/embedding", COPY, "v,d"),
+    Layers("layers.{i}.", _block("H_module") + _block("L_module"), stacked="layers/"),
+    *norm("final_norm", "final_norm"),
+    Row("lm_head.weight", "embed/embedding", COPY, "v,d", when="tied_copy"),
+    Layers("halt_heads.{i}.0.", (Row("weight", "halt_head/kernel", LINEAR, "1,d"),
+                                 Row("bias", "halt_head/bias", COPY, "1")), stacked="layers/")], title="HRMText1")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -218,22 +176,19 @@ class HRMText1Family(fam.Family):
       raise ConversionError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'hrm_text1'")
     tensors = _load_tensors(path, obj)
     (v, d, n_layers, hd, f), theta = self._sizes(tensors, cfg or {}, path, cfg_path)
-    tied_copy = "lm_head.weight" in tensors
-    state = layout.check_state_dict(tensors, schema(v, d, n_layers, hd, f, tied_copy), path)
-    if tied_copy and state["lm_head.weight"].tobytes() != state["token_embeddings.weight"].tobytes():
-      raise ConversionError(f"{path}: lm_head.weight differs from token_embeddings.weight, but HRMText1 ties them "
-                            "(jaxlm stores one table)")
+    sizes = {"v": v, "d": d, "n": d // hd, "hd": hd, "f": f, "n_layers": n_layers,
+             "tied_copy": "lm_head.weight" in tensors}
+    state = layout.check_state_dict(tensors, TABLE.schema(sizes), path)
+    params = TABLE.read(state, sizes, path, stacked=True)
     values = {**SCRIPT_CONFIG, **(cfg or {})}
     if not values.get("use_rotary_embeddings", True):
       raise ConversionError(f"{cfg_path}: use_rotary_embeddings is false (learned position embeddings); jaxlm "
                             "implements the RoPE model only")
     model = self._model_dict(values, v, d, n_layers, d // hd, f, theta)
-    params = {"embed/embedding": state["token_embeddings.weight"], "final_norm/scale": state["final_norm.weight"],
-              **_layer_params(state, n_layers, d // hd)}
     gen = _read_json(os.path.join(_folder(src), "generation_config.json"))
     source = {"family": self.name, "file": os.path.abspath(src), "weights_file": os.path.abspath(path),
               "format": "safetensors" if path.endswith(".safetensors") else "bin",
-              "dtypes": layout.source_dtypes(state), "tied_copy": tied_copy,
+              "dtypes": layout.source_dtypes(state), "tied_copy": sizes["tied_copy"],
               "hf_config": cfg, "generation_config": gen,
               "notes": ["config.json beside the weights" if cfg is not None else
                         "no config.json: halt_max_steps, dropout etc. are the training script's MODEL_PARAMS"]}
@@ -256,7 +211,7 @@ class HRMText1Family(fam.Family):
       if key in cfg and cfg[key] != value:
         raise ConversionError(f"{cfg_path}: {key}={cfg[key]!r} but the tensors in {path} say {value}")
     base = cfg.get("rotary_embedding_base")
-    keys = [f"layers.{i}.{block}.attn.rotary_emb.inv_freq" for i in range(n_layers) for block in BLOCKS]
+    keys = TABLE.buffers({"n_layers": n_layers, "tied_copy": False})
     default = float(base or SCRIPT_CONFIG["rotary_embedding_base"])
     theta = layout.shared_rope_theta(tensors, keys, hd, path,
                                      theta_of=lambda buf, hd, key, file: _rope_theta(buf, hd, key, file, default))
@@ -304,9 +259,10 @@ class HRMText1Family(fam.Family):
       print(f"warning: HRMText1Config has one dropout rate; writing dropout={model['dropout']} (the model has "
             f"attention_dropout={model['attention_dropout']}, mlp_dropout={model['mlp_dropout']})", file=sys.stderr)
     formats = self._formats(getattr(options, "hrm_text1_weights", None))
-    d, n, n_layers = model["d_model"], model["n_heads"], model["n_layers"]
-    inv_freq = layout.torch_rope_inv_freq(d // n, float(model["rope_theta"]))
-    items = layout.to_dtypes(_torch_items(params, n_layers, inv_freq), source.get("dtypes"))
+    sizes = {"n_layers": model["n_layers"], "tied_copy": True,
+             "inv_freq": layout.torch_rope_inv_freq(model["d_model"] // model["n_heads"], float(model["rope_theta"]))}
+    items = [(k, np.array(v, order="C")) for k, v in TABLE.write(params, sizes, stacked=True)]  # owned, writable
+    items = layout.to_dtypes(items, source.get("dtypes"))
     os.makedirs(out, exist_ok=True)
     _write_text(os.path.join(out, "config.json"), _json_text(self._hf_config(model, source, items)))
     gen = source.get("generation_config") or {"_from_model_config": True,
@@ -348,22 +304,18 @@ class HRMText1Family(fam.Family):
   def _write_bin(items, path: str) -> None:
     """torch.save of a plain dict, as save_pretrained writes it: lm_head.weight is a second tensor on
     token_embeddings.weight's storage (state_dict() detaches each tied parameter), so the table is stored once."""
-    state = {}
+    state, ties = {}, TABLE.ties({"n_layers": 0, "tied_copy": True})
     for key, value in items:
-      state[key] = torchfile._to_torch(value)
-      if key == "final_norm.weight":
-        state["lm_head.weight"] = state["token_embeddings.weight"].detach()
+      state[key] = state[ties[key]].detach() if key in ties else torchfile._to_torch(value)
     torchfile.save(state, path)
 
   @staticmethod
   def _write_safetensors(items, path: str) -> None:
     """safetensors cannot alias tensors: lm_head.weight is written as a copy (from_pretrained and a strict
     load_state_dict both accept it)."""
-    tensors = collections.OrderedDict()
+    tensors, ties = collections.OrderedDict(), TABLE.ties({"n_layers": 0, "tied_copy": True})
     for key, value in items:
-      tensors[key] = value
-      if key == "final_norm.weight":
-        tensors["lm_head.weight"] = items[0][1].copy()
+      tensors[key] = tensors[ties[key]].copy() if key in ties else value
     safetensors_file.save(tensors, path, metadata={"format": "pt"})
 
 

@@ -11,11 +11,11 @@ import collections
 import time
 from typing import Any, Dict, Mapping
 
-import numpy as np
-
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, decoder_sizes, dense, heads_bias,
+                           heads_in, heads_out, norm)
 
 # The original module-level CONFIG (HROM_Trainer.py), in its order; sizes are overwritten per model.
 DEFAULT_CONFIG = collections.OrderedDict([
@@ -39,19 +39,19 @@ BLOCK_MODULES = ("", ".attn", ".attn.qkv", ".attn.proj", ".attn.rotary", ".attn.
                  ".ff.1", ".ff.2", ".norm1", ".norm2", ".dropout")
 
 
-def schema(v: int, d: int, n_layers: int, hd: int, f: int) -> Dict[str, tuple]:
-  s = collections.OrderedDict([("embed.weight", (v, d))])
-  for i in range(n_layers):
-    p = f"blocks.{i}."
-    s.update([(p + "attn.qkv.weight", (3 * d, d)), (p + "attn.qkv.bias", (3 * d,)),
-              (p + "attn.proj.weight", (d, d)), (p + "attn.proj.bias", (d,)),
-              (p + "attn.rotary.inv_freq", (hd // 2,)),
-              (p + "ff.0.weight", (2 * f, d)), (p + "ff.0.bias", (2 * f,)),
-              (p + "ff.2.weight", (d, f)), (p + "ff.2.bias", (d,)),
-              (p + "norm1.weight", (d,)), (p + "norm1.bias", (d,)),
-              (p + "norm2.weight", (d,)), (p + "norm2.bias", (d,))])
-  s.update([("norm.weight", (d,)), ("norm.bias", (d,)), ("head.weight", (v, d)), ("head.bias", (v,))])
-  return s
+# One description of the tensors for read, write and the shape check.
+TABLE = Table([
+    Row("embed.weight", "embed/embedding", COPY, "v,d"),
+    Layers("blocks.{i}.", (
+        *chunked("attn.qkv", ["attn/query", "attn/key", "attn/value"], heads_in("n"), heads_bias("n"), "d,d"),
+        *dense("attn.proj", "attn/out", heads_out("n"), COPY, "d,d"),
+        Row("attn.rotary.inv_freq", None, buffer("inv_freq"), "hd/2"),
+        *chunked("ff.0", [("mlp/wi", 0), ("mlp/wi", 1)], LINEAR, COPY, "f,d"),  # chunk(2): value, then gate
+        *dense("ff.2", "mlp/wo", LINEAR, COPY, "d,f"),
+        *norm("norm1", "attn_norm", has_bias=True),
+        *norm("norm2", "mlp_norm", has_bias=True))),
+    *norm("norm", "final_norm", has_bias=True),
+    *dense("head", "head", LINEAR, COPY, "v,d")])
 
 
 def _sizes(state: Mapping[str, Any], config: Mapping[str, Any], src: str) -> Dict[str, int]:
@@ -91,29 +91,10 @@ class HROM(fam.Family):
     z = _sizes(state, config, src)
     v, d, n_layers, n, f = z["vocab_size"], z["dim"], z["n_layers"], z["n_heads"], z["ff_dim"]
     hd = d // n
-    state = layout.check_state_dict(state, schema(v, d, n_layers, hd, f), src)
-    theta = layout.shared_rope_theta(state, [f"blocks.{i}.attn.rotary.inv_freq" for i in range(n_layers)], hd, src)
-    params = {"embed/embedding": state["embed.weight"],
-              "final_norm/scale": state["norm.weight"], "final_norm/bias": state["norm.bias"],
-              "head/kernel": layout.linear(state["head.weight"]), "head/bias": state["head.bias"]}
-    for i in range(n_layers):
-      p, j = f"blocks.{i}.", f"layers_{i}/"
-      qkv_w = state[p + "attn.qkv.weight"].reshape(3, d, d)  # [q | k | v] thirds, each head-major
-      qkv_b = state[p + "attn.qkv.bias"].reshape(3, d)
-      for t, name in enumerate(("query", "key", "value")):
-        params[j + f"attn/{name}/kernel"] = layout.heads_in(qkv_w[t], n)
-        params[j + f"attn/{name}/bias"] = layout.heads_bias(qkv_b[t], n)
-      params[j + "attn/out/kernel"] = layout.heads_out(state[p + "attn.proj.weight"], n)
-      params[j + "attn/out/bias"] = state[p + "attn.proj.bias"]
-      value_w, gate_w = np.split(state[p + "ff.0.weight"], 2, axis=0)  # chunk(2): value first, gate second
-      value_b, gate_b = np.split(state[p + "ff.0.bias"], 2)
-      params[j + "mlp/wi/kernel"] = layout.glu_in(value_w, gate_w)
-      params[j + "mlp/wi/bias"] = layout.glu_bias(value_b, gate_b)
-      params[j + "mlp/wo/kernel"] = layout.linear(state[p + "ff.2.weight"])
-      params[j + "mlp/wo/bias"] = state[p + "ff.2.bias"]
-      for norm, jax_norm in (("norm1", "attn_norm"), ("norm2", "mlp_norm")):
-        params[j + f"{jax_norm}/scale"] = state[p + f"{norm}.weight"]
-        params[j + f"{jax_norm}/bias"] = state[p + f"{norm}.bias"]
+    sizes = {"v": v, "d": d, "n": n, "hd": hd, "f": f, "n_layers": n_layers}
+    state = layout.check_state_dict(state, TABLE.schema(sizes), src)
+    theta = layout.shared_rope_theta(state, TABLE.buffers(sizes), hd, src)
+    params = TABLE.read(state, sizes, src)
     dropout = float(config.get("dropout", DEFAULT_CONFIG["dropout"]))
     model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers,
              "n_heads": n, "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "layer", "norm_eps": 1e-5,
@@ -141,31 +122,11 @@ class HROM(fam.Family):
     fam.window_of(model)
 
   def write(self, model, params, source, tokenizer, out, options):
-    d, n, n_layers = model["d_model"], model["n_heads"], model["n_layers"]
-    hd = d // n
-    inv_freq = layout.torch_rope_inv_freq(hd, float(model["rope_theta"]))
-    items = [("embed.weight", params["embed/embedding"])]
-    for i in range(n_layers):
-      p, j = f"blocks.{i}.", f"layers_{i}/"
-      qkv_w = [layout.unheads_in(params[j + f"attn/{t}/kernel"]) for t in ("query", "key", "value")]
-      qkv_b = [layout.unheads_bias(params[j + f"attn/{t}/bias"]) for t in ("query", "key", "value")]
-      value_w, gate_w = layout.unglu(params[j + "mlp/wi/kernel"])
-      value_b, gate_b = layout.unglu_bias(params[j + "mlp/wi/bias"])
-      items += [(p + "attn.qkv.weight", np.concatenate(qkv_w, axis=0)),
-                (p + "attn.qkv.bias", np.concatenate(qkv_b)),
-                (p + "attn.proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
-                (p + "attn.proj.bias", params[j + "attn/out/bias"]),
-                (p + "attn.rotary.inv_freq", inv_freq.copy()),
-                (p + "ff.0.weight", np.concatenate([value_w, gate_w], axis=0)),
-                (p + "ff.0.bias", np.concatenate([value_b, gate_b])),
-                (p + "ff.2.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
-                (p + "ff.2.bias", params[j + "mlp/wo/bias"]),
-                (p + "norm1.weight", params[j + "attn_norm/scale"]), (p + "norm1.bias", params[j + "attn_norm/bias"]),
-                (p + "norm2.weight", params[j + "mlp_norm/scale"]), (p + "norm2.bias", params[j + "mlp_norm/bias"])]
-    items += [("norm.weight", params["final_norm/scale"]), ("norm.bias", params["final_norm/bias"]),
-              ("head.weight", layout.unlinear(params["head/kernel"])), ("head.bias", params["head/bias"])]
-    modules = ["", "embed", "blocks"] + [f"blocks.{i}{m}" for i in range(n_layers) for m in BLOCK_MODULES]
-    state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "head"])
+    sizes = decoder_sizes(model)
+    sizes["inv_freq"] = layout.torch_rope_inv_freq(sizes["hd"], float(model["rope_theta"]))
+    items = layout.to_dtypes(TABLE.write(params, sizes), source.get("dtypes"))
+    modules = ["", "embed", "blocks"] + [f"blocks.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
+    state = torchfile.state_dict(items, modules + ["norm", "head"])
     extras = jsonable.decode(source.get("extras") or {})
     torchfile.save(self._checkpoint(model, state, extras), out)
 

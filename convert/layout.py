@@ -1,10 +1,4 @@
-"""Tensor layouts on both sides and the state-dict schema check.
-
-PyTorch nn.Linear stores weight [out, in]; jaxlm's DenseGeneral kernels are [in, ...out axes]. Attention
-projections split the out axis into heads: query/key/value kernel [D, heads, head_dim], output kernel
-[heads, head_dim, D]. The gated MLP keeps value and gate in one [D, 2, F] kernel (index 0 value, 1 gate).
-Every helper returns a fresh C-contiguous array, so nothing aliases the source checkpoint.
-"""
+"""RoPE buffers, the state-dict schema check and source dtypes (the tensor transforms are in convert/table.py)."""
 from __future__ import annotations
 
 import collections
@@ -13,68 +7,6 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from convert.errors import ConversionError
-
-Schema = "collections.OrderedDict[str, Tuple[int, ...]]"  # key -> shape, in state_dict order
-
-
-def _c(x: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(x)
-
-
-# ---------------------------------------------------------------------------------- torch -> jaxlm
-def linear(w_OxI: np.ndarray) -> np.ndarray:
-  """[out, in] -> kernel [in, out]."""
-  return _c(w_OxI.T)
-
-
-def heads_in(w_NHxD: np.ndarray, heads: int) -> np.ndarray:
-  """q/k/v weight [heads*head_dim, D] -> kernel [D, heads, head_dim]."""
-  return _c(w_NHxD.T.reshape(w_NHxD.shape[1], heads, -1))
-
-
-def heads_bias(b_NH: np.ndarray, heads: int) -> np.ndarray:
-  return _c(b_NH.reshape(heads, -1))
-
-
-def heads_out(w_DxNH: np.ndarray, heads: int) -> np.ndarray:
-  """output projection weight [D, heads*head_dim] -> kernel [heads, head_dim, D]."""
-  return _c(w_DxNH.T.reshape(heads, -1, w_DxNH.shape[0]))
-
-
-def glu_in(value_FxD: np.ndarray, gate_FxD: np.ndarray) -> np.ndarray:
-  """value and gate weights [F, D] -> wi kernel [D, 2, F]."""
-  return _c(np.stack([value_FxD.T, gate_FxD.T], axis=1))
-
-
-def glu_bias(value_F: np.ndarray, gate_F: np.ndarray) -> np.ndarray:
-  return _c(np.stack([value_F, gate_F], axis=0))
-
-
-# ---------------------------------------------------------------------------------- jaxlm -> torch
-def unlinear(kernel_IxO: np.ndarray) -> np.ndarray:
-  return _c(kernel_IxO.T)
-
-
-def unheads_in(kernel_DxNxH: np.ndarray) -> np.ndarray:
-  d = kernel_DxNxH.shape[0]
-  return _c(kernel_DxNxH.reshape(d, -1).T)
-
-
-def unheads_bias(bias_NxH: np.ndarray) -> np.ndarray:
-  return _c(bias_NxH.reshape(-1))
-
-
-def unheads_out(kernel_NxHxD: np.ndarray) -> np.ndarray:
-  return _c(kernel_NxHxD.reshape(-1, kernel_NxHxD.shape[-1]).T)
-
-
-def unglu(kernel_Dx2xF: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """wi kernel [D, 2, F] -> (value weight [F, D], gate weight [F, D])."""
-  return _c(kernel_Dx2xF[:, 0, :].T), _c(kernel_Dx2xF[:, 1, :].T)
-
-
-def unglu_bias(bias_2xF: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  return _c(bias_2xF[0]), _c(bias_2xF[1])
 
 
 # ---------------------------------------------------------------------------------- RoPE pair order

@@ -20,6 +20,8 @@ import numpy as np
 from convert import family as fam
 from convert import layout, safetensors_file, torchfile
 from convert.errors import ConversionError
+from convert.table import (COPY, LINEAR, Layers, Row, Table, decoder_sizes, dense, heads_bias, heads_in, heads_out,
+                           norm, permuted)
 
 # jaxlm glu activation <-> transformers ACT2FN name
 GLU_TO_HF = {"silu": "silu", "sigmoid": "sigmoid", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -75,29 +77,24 @@ def _special(value):
   return value[0] if isinstance(value, list) and value else value
 
 
-def schema(m: Mapping[str, Any]) -> Dict[str, tuple]:
-  """HF key -> shape for a jaxlm model dict (all fields resolved), in LlamaForCausalLM parameter order."""
-  v, d, f, n, k, hd = m["vocab_size"], m["d_model"], m["d_ff"], m["n_heads"], m["n_kv_heads"], m["head_dim"]
-  s = {"model.embed_tokens.weight": (v, d)}
-  for i in range(m["n_layers"]):
-    p = f"model.layers.{i}."
-    for name, rows in (("q_proj", n * hd), ("k_proj", k * hd), ("v_proj", k * hd)):
-      s[p + f"self_attn.{name}.weight"] = (rows, d)
-      if m["attn_bias"]:
-        s[p + f"self_attn.{name}.bias"] = (rows,)
-    s[p + "self_attn.o_proj.weight"] = (d, n * hd)
-    if m["attn_bias"]:
-      s[p + "self_attn.o_proj.bias"] = (d,)
-    for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
-      s[p + f"mlp.{name}.weight"] = shape
-      if m["mlp_bias"]:
-        s[p + f"mlp.{name}.bias"] = shape[:1]
-    s[p + "input_layernorm.weight"] = (d,)
-    s[p + "post_attention_layernorm.weight"] = (d,)
-  s["model.norm.weight"] = (d,)
-  if not m["tie_embeddings"]:
-    s["lm_head.weight"] = (v, d)
-  return s
+# One description of the tensors (LlamaForCausalLM parameter order) for read, write and the shape check. HF rotates
+# halves: a model with interleaved RoPE is written with q and k's head_dim reordered (sizes "rope_perm").
+Q, K = permuted(heads_in("n"), "rope_perm"), permuted(heads_in("k"), "rope_perm")
+Q_BIAS, K_BIAS = permuted(heads_bias("n"), "rope_perm"), permuted(heads_bias("k"), "rope_perm")
+TABLE = Table([
+    Row("model.embed_tokens.weight", "embed/embedding", COPY, "v,d"),
+    Layers("model.layers.{i}.", (
+        *dense("self_attn.q_proj", "attn/query", Q, Q_BIAS, "n*hd,d", "attn_bias"),
+        *dense("self_attn.k_proj", "attn/key", K, K_BIAS, "k*hd,d", "attn_bias"),
+        *dense("self_attn.v_proj", "attn/value", heads_in("k"), heads_bias("k"), "k*hd,d", "attn_bias"),
+        *dense("self_attn.o_proj", "attn/out", heads_out("n"), COPY, "d,n*hd", "attn_bias"),
+        *dense("mlp.gate_proj", "mlp/wi", LINEAR, COPY, "f,d", "mlp_bias", slot=1),
+        *dense("mlp.up_proj", "mlp/wi", LINEAR, COPY, "f,d", "mlp_bias", slot=0),
+        *dense("mlp.down_proj", "mlp/wo", LINEAR, COPY, "d,f", "mlp_bias"),
+        *norm("input_layernorm", "attn_norm"),
+        *norm("post_attention_layernorm", "mlp_norm"))),
+    *norm("model.norm", "final_norm"),
+    Row("lm_head.weight", "head/kernel", LINEAR, "v,d", when="untied")])
 
 
 class Llama(fam.Family):
@@ -144,27 +141,9 @@ class Llama(fam.Family):
     if model["tie_embeddings"]:
       tensors.pop("lm_head.weight", None)  # some writers store the tied copy as well
     tensors = {k: t for k, t in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
-    state = layout.check_state_dict(tensors, schema(model), _folder(src))
-    n, k = model["n_heads"], model["n_kv_heads"]
-    params = {"embed/embedding": state["model.embed_tokens.weight"], "final_norm/scale": state["model.norm.weight"]}
-    if not model["tie_embeddings"]:
-      params["head/kernel"] = layout.linear(state["lm_head.weight"])
-    for i in range(model["n_layers"]):
-      p, j = f"model.layers.{i}.", f"layers_{i}/"
-      for name, jax_name, heads in (("q_proj", "query", n), ("k_proj", "key", k), ("v_proj", "value", k)):
-        params[j + f"attn/{jax_name}/kernel"] = layout.heads_in(state[p + f"self_attn.{name}.weight"], heads)
-        if model["attn_bias"]:
-          params[j + f"attn/{jax_name}/bias"] = layout.heads_bias(state[p + f"self_attn.{name}.bias"], heads)
-      params[j + "attn/out/kernel"] = layout.heads_out(state[p + "self_attn.o_proj.weight"], n)
-      params[j + "mlp/wi/kernel"] = layout.glu_in(state[p + "mlp.up_proj.weight"], state[p + "mlp.gate_proj.weight"])
-      params[j + "mlp/wo/kernel"] = layout.linear(state[p + "mlp.down_proj.weight"])
-      if model["attn_bias"]:
-        params[j + "attn/out/bias"] = state[p + "self_attn.o_proj.bias"]
-      if model["mlp_bias"]:
-        params[j + "mlp/wi/bias"] = layout.glu_bias(state[p + "mlp.up_proj.bias"], state[p + "mlp.gate_proj.bias"])
-        params[j + "mlp/wo/bias"] = state[p + "mlp.down_proj.bias"]
-      params[j + "attn_norm/scale"] = state[p + "input_layernorm.weight"]
-      params[j + "mlp_norm/scale"] = state[p + "post_attention_layernorm.weight"]
+    sizes = decoder_sizes(model)
+    state = layout.check_state_dict(tensors, TABLE.schema(sizes), _folder(src))
+    params = TABLE.read(state, sizes, _folder(src))
     tokenizer = {"kind": "ids", "vocab_size": model["vocab_size"], "bos_id": _special(cfg.get("bos_token_id")),
                  "eos_id": _special(cfg.get("eos_token_id")), "pad_id": _special(cfg.get("pad_token_id")),
                  "note": "the Hugging Face tokenizer files are not converted; token ids pass through"}
@@ -179,37 +158,8 @@ class Llama(fam.Family):
     fam.window_of(model)
 
   def write(self, model, params, source, tokenizer, out, options):
-    hd = model["head_dim"]
-    # HF rotates halves: reorder interleaved pairs (2i, 2i+1) to (i, i + hd/2) in q and k.
-    perm = layout.interleaved_to_half(hd) if model["rope_style"] == "interleaved" else np.arange(hd)
-    tensors = {"model.embed_tokens.weight": params["embed/embedding"]}
-    for i in range(model["n_layers"]):
-      p, j = f"model.layers.{i}.", f"layers_{i}/"
-      for name, jax_name, order in (("q_proj", "query", perm), ("k_proj", "key", perm),
-                                    ("v_proj", "value", np.arange(hd))):
-        tensors[p + f"self_attn.{name}.weight"] = layout.unheads_in(params[j + f"attn/{jax_name}/kernel"][..., order])
-        if model["attn_bias"]:
-          tensors[p + f"self_attn.{name}.bias"] = layout.unheads_bias(params[j + f"attn/{jax_name}/bias"][..., order])
-      tensors[p + "self_attn.o_proj.weight"] = layout.unheads_out(params[j + "attn/out/kernel"])
-      if model["attn_bias"]:
-        tensors[p + "self_attn.o_proj.bias"] = params[j + "attn/out/bias"]
-      up, gate = layout.unglu(params[j + "mlp/wi/kernel"])
-      tensors.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                      p + "mlp.down_proj.weight": layout.unlinear(params[j + "mlp/wo/kernel"])})
-      if model["mlp_bias"]:
-        up_b, gate_b = layout.unglu_bias(params[j + "mlp/wi/bias"])
-        tensors.update({p + "mlp.gate_proj.bias": gate_b, p + "mlp.up_proj.bias": up_b,
-                        p + "mlp.down_proj.bias": params[j + "mlp/wo/bias"]})
-      tensors[p + "input_layernorm.weight"] = params[j + "attn_norm/scale"]
-      tensors[p + "post_attention_layernorm.weight"] = params[j + "mlp_norm/scale"]
-    tensors["model.norm.weight"] = params["final_norm/scale"]
-    if not model["tie_embeddings"]:
-      tensors["lm_head.weight"] = layout.unlinear(params["head/kernel"])
-    expected = schema(model)
-    wrong = [k for k in expected if k not in tensors or tensors[k].shape != expected[k]]
-    if wrong or len(tensors) != len(expected):
-      raise ConversionError(f"internal layout error at {wrong[:1] or sorted(set(tensors) - set(expected))[:1]}")
-    tensors = {k: tensors[k] for k in expected}  # LlamaForCausalLM parameter order
+    perm = layout.interleaved_to_half(model["head_dim"]) if model["rope_style"] == "interleaved" else None
+    tensors = dict(TABLE.write(params, decoder_sizes(model, rope_perm=perm)))
     os.makedirs(out, exist_ok=True)
     safetensors_file.save({k: np.asarray(v, np.float32) for k, v in tensors.items()},
                           os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -19,6 +19,7 @@ import numpy as np
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
+from convert.table import COPY, LINEAR, Layers, Row, Table, decoder_sizes, dense, heads_in, heads_out, norm
 from convert.unpickle import inert_class
 
 DEFAULT_NUM_HEADS = 8           # ModelConfig.num_heads
@@ -48,18 +49,21 @@ BLOCK_MODULES = ("", ".norm1", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v
                  ".attn.pos_embeddings", ".norm2", ".mlp", ".mlp.w1", ".mlp.w2", ".mlp.w3", ".dropout")
 
 
-def schema(v: int, d: int, n_layers: int, kv_dim: int, f: int) -> Dict[str, tuple]:
-  s = collections.OrderedDict([("embed.weight", (v, d))])
-  for i in range(n_layers):
-    p = f"layers.{i}."
-    s.update([(p + "norm1.weight", (d,)), (p + "attn.q_proj.weight", (d, d)),
-              (p + "attn.k_proj.weight", (kv_dim, d)), (p + "attn.v_proj.weight", (kv_dim, d)),
-              (p + "attn.output_proj.weight", (d, d)), (p + "norm2.weight", (d,)),
-              (p + "mlp.w1.weight", (f, d)), (p + "mlp.w1.bias", (f,)),
-              (p + "mlp.w2.weight", (f, d)), (p + "mlp.w2.bias", (f,)),
-              (p + "mlp.w3.weight", (d, f)), (p + "mlp.w3.bias", (d,))])
-  s.update([("norm.weight", (d,)), ("head.weight", (v, d))])
-  return s
+# One description of the tensors for read, write and the shape check.
+TABLE = Table([
+    Row("embed.weight", "embed/embedding", COPY, "v,d"),
+    Layers("layers.{i}.", (
+        *norm("norm1", "attn_norm"),
+        Row("attn.q_proj.weight", "attn/query/kernel", heads_in("n"), "d,d"),
+        Row("attn.k_proj.weight", "attn/key/kernel", heads_in("k"), "k*hd,d"),
+        Row("attn.v_proj.weight", "attn/value/kernel", heads_in("k"), "k*hd,d"),
+        Row("attn.output_proj.weight", "attn/out/kernel", heads_out("n"), "d,d"),
+        *norm("norm2", "mlp_norm"),
+        *dense("mlp.w1", "mlp/wi", LINEAR, COPY, "f,d", slot=0),  # value = w1, gate = w2 (silu is applied to w2)
+        *dense("mlp.w2", "mlp/wi", LINEAR, COPY, "f,d", slot=1),
+        *dense("mlp.w3", "mlp/wo", LINEAR, COPY, "d,f"))),
+    *norm("norm", "final_norm"),
+    Row("head.weight", "head/kernel", LINEAR, "v,d")])
 
 
 def _state_of(obj):
@@ -119,23 +123,9 @@ class OptimusPrime(fam.Family):
       if side and key in side and side[key] != value:
         raise ConversionError(f"{src}: config.json beside the checkpoint says {key}={side[key]!r} but the "
                               f"tensors say {value} (with {n} heads)")
-    state = layout.check_state_dict(state, schema(v, d, n_layers, kv_dim, f), src)
-    params = {"embed/embedding": state["embed.weight"], "final_norm/scale": state["norm.weight"],
-              "head/kernel": layout.linear(state["head.weight"])}
-    for i in range(n_layers):
-      p, j = f"layers.{i}.", f"layers_{i}/"
-      params.update({
-          j + "attn_norm/scale": state[p + "norm1.weight"],
-          j + "attn/query/kernel": layout.heads_in(state[p + "attn.q_proj.weight"], n),
-          j + "attn/key/kernel": layout.heads_in(state[p + "attn.k_proj.weight"], k),
-          j + "attn/value/kernel": layout.heads_in(state[p + "attn.v_proj.weight"], k),
-          j + "attn/out/kernel": layout.heads_out(state[p + "attn.output_proj.weight"], n),
-          j + "mlp_norm/scale": state[p + "norm2.weight"],
-          # value = w1, gate = w2 (silu is applied to w2), down = w3
-          j + "mlp/wi/kernel": layout.glu_in(state[p + "mlp.w1.weight"], state[p + "mlp.w2.weight"]),
-          j + "mlp/wi/bias": layout.glu_bias(state[p + "mlp.w1.bias"], state[p + "mlp.w2.bias"]),
-          j + "mlp/wo/kernel": layout.linear(state[p + "mlp.w3.weight"]),
-          j + "mlp/wo/bias": state[p + "mlp.w3.bias"]})
+    sizes = {"v": v, "d": d, "n": n, "k": k, "hd": hd, "f": f, "n_layers": n_layers}
+    state = layout.check_state_dict(state, TABLE.schema(sizes), src)
+    params = TABLE.read(state, sizes, src)
     model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
              "n_kv_heads": k, "head_dim": hd, "d_ff": f, "norm": "rms", "norm_eps": RMS_EPS,
              "rope_style": "interleaved", "rope_theta": 10000.0, "glu": "silu", "attn_bias": False,
@@ -168,21 +158,7 @@ class OptimusPrime(fam.Family):
       print(f"note: build the original with ModelConfig(vocab_size={model['vocab_size']}, dim={d}, "
             f"depth={model['n_layers']}, num_heads={n}, num_kv_heads={k}) and mlp_ratio={model['d_ff'] / d:g}; "
             "the checkpoint does not store these", file=sys.stderr)
-    items = [("embed.weight", params["embed/embedding"])]
-    for i in range(model["n_layers"]):
-      p, j = f"layers.{i}.", f"layers_{i}/"
-      w1, w2 = layout.unglu(params[j + "mlp/wi/kernel"])
-      b1, b2 = layout.unglu_bias(params[j + "mlp/wi/bias"])
-      items += [(p + "norm1.weight", params[j + "attn_norm/scale"]),
-                (p + "attn.q_proj.weight", layout.unheads_in(params[j + "attn/query/kernel"])),
-                (p + "attn.k_proj.weight", layout.unheads_in(params[j + "attn/key/kernel"])),
-                (p + "attn.v_proj.weight", layout.unheads_in(params[j + "attn/value/kernel"])),
-                (p + "attn.output_proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
-                (p + "norm2.weight", params[j + "mlp_norm/scale"]),
-                (p + "mlp.w1.weight", w1), (p + "mlp.w1.bias", b1), (p + "mlp.w2.weight", w2),
-                (p + "mlp.w2.bias", b2), (p + "mlp.w3.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
-                (p + "mlp.w3.bias", params[j + "mlp/wo/bias"])]
-    items += [("norm.weight", params["final_norm/scale"]), ("head.weight", layout.unlinear(params["head/kernel"]))]
+    items = TABLE.write(params, decoder_sizes(model))
     modules = ["", "embed", "layers"] + [f"layers.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
     state = torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "head"])
     if source and not source.get("wrapped", True):

@@ -9,16 +9,15 @@ the future included), MLP proj -> a * sigmoid(g) -> Linear, untied head with bia
 """
 from __future__ import annotations
 
-import collections
 import math
 import sys
-from typing import Dict, Mapping
-
-import numpy as np
+from typing import Mapping
 
 from convert import family as fam
 from convert import layout, torchfile
 from convert.errors import ConversionError
+from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, decoder_sizes, dense, heads_bias,
+                           heads_in, heads_out, norm)
 
 # YingGemConfig defaults for what the checkpoint does not store.
 DEFAULTS = {"attention_window": 1024, "rms_norm_eps": 1e-6, "attention_dropout": 0.2,
@@ -32,21 +31,21 @@ FIXED = {"arch": "decoder", "norm": "rms", "attn_bias": True, "mlp_bias": True, 
 ORIGINAL_COMPUTATION = {"causal": False, "glu": "sigmoid", "rope_style": "half"}
 BLOCK_MODULES = ("", ".attn_norm", ".attn", ".attn.q_proj", ".attn.k_proj", ".attn.v_proj", ".attn.o_proj",
                  ".attn.rope", ".attn.dropout", ".mlp_norm", ".mlp", ".mlp.0", ".mlp.0.proj", ".mlp.1")
-PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
-
-
-def schema(v: int, d: int, n_layers: int, hd: int, f: int) -> Dict[str, tuple]:
-  s = collections.OrderedDict([("embed.weight", (v, d))])
-  for i in range(n_layers):
-    p = f"block.{i}."
-    s[p + "attn_norm.weight"] = (d,)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      s[p + f"attn.{name}.weight"], s[p + f"attn.{name}.bias"] = (d, d), (d,)
-    s.update([(p + "attn.rope.freqs", (hd // 2,)), (p + "mlp_norm.weight", (d,)),
-              (p + "mlp.0.proj.weight", (2 * f, d)), (p + "mlp.0.proj.bias", (2 * f,)),
-              (p + "mlp.1.weight", (d, f)), (p + "mlp.1.bias", (d,))])
-  s.update([("norm.weight", (d,)), ("lm_head.weight", (v, d)), ("lm_head.bias", (v,))])
-  return s
+# One description of the tensors for read, write and the shape check.
+TABLE = Table([
+    Row("embed.weight", "embed/embedding", COPY, "v,d"),
+    Layers("block.{i}.", (
+        *norm("attn_norm", "attn_norm"),
+        *dense("attn.q_proj", "attn/query", heads_in("n"), heads_bias("n"), "d,d"),
+        *dense("attn.k_proj", "attn/key", heads_in("n"), heads_bias("n"), "d,d"),
+        *dense("attn.v_proj", "attn/value", heads_in("n"), heads_bias("n"), "d,d"),
+        *dense("attn.o_proj", "attn/out", heads_out("n"), COPY, "d,d"),
+        Row("attn.rope.freqs", None, buffer("inv_freq"), "hd/2"),
+        *norm("mlp_norm", "mlp_norm"),
+        *chunked("mlp.0.proj", [("mlp/wi", 0), ("mlp/wi", 1)], LINEAR, COPY, "f,d"),  # chunk(2): value, gate
+        *dense("mlp.1", "mlp/wo", LINEAR, COPY, "d,f"))),
+    *norm("norm", "final_norm"),
+    *dense("lm_head", "head", LINEAR, COPY, "v,d")])
 
 
 class YingGem(fam.Family):
@@ -83,25 +82,10 @@ class YingGem(fam.Family):
       if key in side and side[key] != value:
         raise ConversionError(f"{src}: config.json beside the checkpoint says {key}={side[key]!r} but the "
                               f"tensors say {value}")
-    state = layout.check_state_dict(obj, schema(v, d, n_layers, hd, f), src)
-    theta = layout.shared_rope_theta(state, [f"block.{i}.attn.rope.freqs" for i in range(n_layers)], hd, src)
-    params = {"embed/embedding": state["embed.weight"], "final_norm/scale": state["norm.weight"],
-              "head/kernel": layout.linear(state["lm_head.weight"]), "head/bias": state["lm_head.bias"]}
-    for i in range(n_layers):
-      p, j = f"block.{i}.", f"layers_{i}/"
-      params[j + "attn_norm/scale"] = state[p + "attn_norm.weight"]
-      for torch_name, jax_name in PROJECTIONS:
-        params[j + f"attn/{jax_name}/kernel"] = layout.heads_in(state[p + f"attn.{torch_name}.weight"], n)
-        params[j + f"attn/{jax_name}/bias"] = layout.heads_bias(state[p + f"attn.{torch_name}.bias"], n)
-      params[j + "attn/out/kernel"] = layout.heads_out(state[p + "attn.o_proj.weight"], n)
-      params[j + "attn/out/bias"] = state[p + "attn.o_proj.bias"]
-      params[j + "mlp_norm/scale"] = state[p + "mlp_norm.weight"]
-      value_w, gate_w = state[p + "mlp.0.proj.weight"][:f], state[p + "mlp.0.proj.weight"][f:]  # chunk(2)
-      value_b, gate_b = state[p + "mlp.0.proj.bias"][:f], state[p + "mlp.0.proj.bias"][f:]
-      params[j + "mlp/wi/kernel"] = layout.glu_in(value_w, gate_w)
-      params[j + "mlp/wi/bias"] = layout.glu_bias(value_b, gate_b)
-      params[j + "mlp/wo/kernel"] = layout.linear(state[p + "mlp.1.weight"])
-      params[j + "mlp/wo/bias"] = state[p + "mlp.1.bias"]
+    sizes = {"v": v, "d": d, "n": n, "hd": hd, "f": f, "n_layers": n_layers}
+    state = layout.check_state_dict(obj, TABLE.schema(sizes), src)
+    theta = layout.shared_rope_theta(state, TABLE.buffers(sizes), hd, src)
+    params = TABLE.read(state, sizes, src)
     window = getattr(options, "attention_window", None) or side.get("attention_window", DEFAULTS["attention_window"])
     model = {"arch": "decoder", "family": self.name, "vocab_size": v, "d_model": d, "n_layers": n_layers, "n_heads": n,
              "n_kv_heads": n, "head_dim": hd, "d_ff": f, "norm": "rms",
@@ -125,7 +109,6 @@ class YingGem(fam.Family):
     fam.window_of(model)
 
   def write(self, model, params, source, tokenizer, out, options):
-    d, n = model["d_model"], model["n_heads"]
     window = fam.window_of(model)
     settings = {"attention_window": window, "rms_norm_eps": model["norm_eps"],
                 "attention_dropout": model["attention_dropout"]}
@@ -136,29 +119,11 @@ class YingGem(fam.Family):
     elif differ:
       print(f"note: the checkpoint does not store {', '.join(f'{k}={v!r}' for k, v in differ.items())}; set them "
             "on YingGemConfig when loading it with the original code", file=sys.stderr)
-    inv_freq = layout.torch_rope_inv_freq(d // n, float(model["rope_theta"]))
-    items = [("embed.weight", params["embed/embedding"])]
-    for i in range(model["n_layers"]):
-      p, j = f"block.{i}.", f"layers_{i}/"
-      items.append((p + "attn_norm.weight", params[j + "attn_norm/scale"]))
-      for torch_name, jax_name in PROJECTIONS:
-        items += [(p + f"attn.{torch_name}.weight", layout.unheads_in(params[j + f"attn/{jax_name}/kernel"])),
-                  (p + f"attn.{torch_name}.bias", layout.unheads_bias(params[j + f"attn/{jax_name}/bias"]))]
-      value_w, gate_w = layout.unglu(params[j + "mlp/wi/kernel"])
-      value_b, gate_b = layout.unglu_bias(params[j + "mlp/wi/bias"])
-      items += [(p + "attn.o_proj.weight", layout.unheads_out(params[j + "attn/out/kernel"])),
-                (p + "attn.o_proj.bias", params[j + "attn/out/bias"]),
-                (p + "attn.rope.freqs", inv_freq.copy()),
-                (p + "mlp_norm.weight", params[j + "mlp_norm/scale"]),
-                (p + "mlp.0.proj.weight", np.concatenate([value_w, gate_w], axis=0)),
-                (p + "mlp.0.proj.bias", np.concatenate([value_b, gate_b])),
-                (p + "mlp.1.weight", layout.unlinear(params[j + "mlp/wo/kernel"])),
-                (p + "mlp.1.bias", params[j + "mlp/wo/bias"])]
-    items += [("norm.weight", params["final_norm/scale"]), ("lm_head.weight", layout.unlinear(params["head/kernel"])),
-              ("lm_head.bias", params["head/bias"])]
+    sizes = decoder_sizes(model)
+    sizes["inv_freq"] = layout.torch_rope_inv_freq(sizes["hd"], float(model["rope_theta"]))
+    items = layout.to_dtypes(TABLE.write(params, sizes), source.get("dtypes"))
     modules = ["", "embed", "block"] + [f"block.{i}{m}" for i in range(model["n_layers"]) for m in BLOCK_MODULES]
-    torchfile.save(torchfile.state_dict(layout.to_dtypes(items, source.get("dtypes")), modules + ["norm", "lm_head"]),
-                   out)
+    torchfile.save(torchfile.state_dict(items, modules + ["norm", "lm_head"]), out)
 
 
 fam.register(YingGem())
