@@ -5,6 +5,7 @@ command on every host: JAX's cluster detection (TPU pod slices, SLURM, Open MPI,
 add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to each.
 """
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -67,7 +68,15 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from jaxlm import errors
-  sys.exit(errors.run_command(_train))
+  code = errors.run_command(_train)
+  if code == errors.EXIT_ABORTED:
+    # A second Ctrl-C abandons the work in flight. Background writers (an asynchronous checkpoint save cut off
+    # mid-way) may then wait forever for the interrupted main thread, and the interpreter's exit would wait for
+    # them: leave without it. Anything not finalised stays a temporary directory the next run ignores.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def run():
