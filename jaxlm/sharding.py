@@ -171,17 +171,27 @@ def tracing_with_activation_sharding(fn, mesh: Mesh, rules):
   return traced
 
 
+def active_mesh():
+  """(mesh, rules) of the innermost activation_sharding context, or None outside one (or on one device)."""
+  if not _ACTIVATIONS or _ACTIVATIONS[-1][0].size == 1:
+    return None
+  return _ACTIVATIONS[-1]
+
+
+def spec_for(shape: tuple, names: tuple, mesh: Mesh, rules) -> P:
+  """The PartitionSpec of an array of `shape` with logical `names` (an axis the mesh does not divide: replicated)."""
+  return _spec(tuple(shape), tuple(names), rules, mesh)[0]
+
+
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
   """x with a sharding constraint from its dimensions' logical names (e.g. ("batch", "activation_length",
   "vocab") for logits): the residual stream stays batch-sharded and model-parallel logits stay split over the
   vocabulary instead of being gathered. A dimension the mesh axes do not divide is left replicated."""
-  if not _ACTIVATIONS:
+  active = active_mesh()
+  if active is None:
     return x
-  mesh, rules = _ACTIVATIONS[-1]
-  if mesh.size == 1:
-    return x
-  spec, _ = _spec(tuple(x.shape), tuple(names), rules, mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, names, mesh, rules)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

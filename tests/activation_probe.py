@@ -1,6 +1,6 @@
 """Compiles and runs one train step with fsdp x model parallelism, with and without the activation constraints.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/activation_probe.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/activation_probe.py [splash]
 Used by tests/test_shardings.py; prints JSON: per variant, the activation collectives in the compiled step (shape
 strings of [rows, length or loss chunk, ...] operands) and the loss, plus the loss of the same step on one device.
 """
@@ -60,5 +60,29 @@ def main() -> None:
   print(json.dumps(report))
 
 
+def splash_on_mesh() -> None:
+  """The splash kernel (interpreted) inside the mesh's shard_map: its result and whether the compiled function
+  gathers q, k or v (a Pallas call left to the partitioner would run on whole, gathered arrays)."""
+  from jaxlm.models import attention
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
+  rules = sharding.DEFAULT_RULES
+  b, t, n, k, h = 8, 256, 4, 2, 8
+  rq, rk, rv = jax.random.split(jax.random.key(0), 3)
+  q, kk, v = (jax.random.normal(r, (b, t, heads, h)) for r, heads in ((rq, n), (rk, k), (rv, k)))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  spec = attention.MaskSpec(positions, positions, causal=True, window=100, arange_positions=True)
+  fn = sharding.tracing_with_activation_sharding(
+      lambda q, kk, v: attention.attend(q, kk, v, spec, impl="splash", block_q=128), mesh, rules)
+  qkv_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "model", None))
+  args = [jax.device_put(x, qkv_sh) for x in (q, kk, v)]
+  jitted = jax.jit(fn)
+  text = jitted.lower(*args).compile().as_text()
+  got = jitted(*args)
+  want = attention.explicit_attention(q, kk, v, spec.dense())
+  print(json.dumps({"max_error": float(jnp.abs(got - want).max()),
+                    "all_gathers": len(re.findall(r" all-gather(?:-start)?\(", text))}))
+
+
 if __name__ == "__main__":
-  main()
+  import sys
+  splash_on_mesh() if sys.argv[1:] == ["splash"] else main()

@@ -212,3 +212,47 @@ def test_decoder_implementations_agree(window, causal):
   grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, batch, method="loss")[0])(params)
   for got, want in zip(jax.tree.leaves(grad(other)), jax.tree.leaves(grad(reference))):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
+
+
+SPLASH_LENGTH = 256  # two of the kernel's 128-token blocks
+
+
+@pytest.mark.parametrize("name", [m for m in sorted(MASKS) if MASKS[m][6] == 0])
+def test_splash_equals_reference_values_and_gradients(name):
+  """The Pallas splash kernel (run by Pallas' interpreter off TPU) on each mask it supports, GQA included: the
+  same values and gradients as the reference. Its mask objects and segment ids are what runs on a TPU."""
+  _, _, causal, window, padded, segmented, _ = MASKS[name]
+  b, n, k, h, t = 2, 4, 2, 8, SPLASH_LENGTH
+  q, kk, v = _qkv(b, t, t, n, k, h)
+  k_valid = q_seg = k_seg = None
+  if padded:
+    k_valid = jnp.arange(t)[None, :] >= jnp.array([[0], [4]])
+  if segmented:
+    q_seg = k_seg = (jnp.arange(t)[None, :] >= jnp.array([[11], [150]])).astype(jnp.int32)
+  spec = attention.MaskSpec(_positions(b, t), _positions(b, t), k_valid, q_seg, k_seg, causal=causal,
+                            window=window, arange_positions=True)
+  assert attention.splash.unsupported(spec, t, t, False, 128) is None
+  rows = _rows_with_keys(spec)
+  cotangent = jax.random.normal(jax.random.key(9), (b, t, n, h)) * rows[:, :, None, None]
+  want, want_vjp = jax.vjp(lambda *x: attention.explicit_attention(*x, spec.dense()), q, kk, v)
+  got, got_vjp = jax.vjp(lambda *x: attention.attend(*x, spec, impl="splash", block_q=128), q, kk, v)
+  np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=TOL)
+  for g_got, g_want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=TOL)
+
+
+def test_splash_refuses_what_it_cannot_compute_and_auto_takes_it_only_on_tpu():
+  spec = _spec("queries_after_a_prefix", 2)
+  q, kk, v = _qkv(2, 9, 40, 4, 2, 8)
+  with pytest.raises(ValueError, match=r"attention_impl='splash' cannot compute positions other than 0\.\.T-1"):
+    attention.attend(q, kk, v, spec, impl="splash")
+  plain = attention.MaskSpec(_positions(1, 256), _positions(1, 256), arange_positions=True)
+  assert "dropout" in attention.splash.unsupported(plain, 256, 256, True, 128)
+  assert "multiple of the block size 128" in attention.splash.unsupported(plain, 200, 200, False, 128)
+  stacked = plain.replace(layer_window=jnp.int32(4))
+  assert "per-layer windows" in attention.splash.unsupported(stacked, 256, 256, False, 128)
+  pick = lambda **kw: attention.resolve_impl("auto", **{**dict(q_len=1024, k_len=1024, dtype=jnp.bfloat16,
+                                                             spec_is_plain=False, dropout=False), **kw})
+  assert pick(backend="tpu", splash_fits=True) == "splash"
+  assert pick(backend="tpu", splash_fits=False) == "chunked"
+  assert pick(backend="gpu", splash_fits=True) == "chunked"

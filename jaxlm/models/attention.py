@@ -11,10 +11,10 @@
            block) from the dropout key.
   cudnn    cuDNN flash attention through jax.nn.dot_product_attention(implementation='cudnn') on GPU, for the
            cases it expresses exactly: causal, sliding window, no padding/segment mask, no dropout, 16-bit inputs.
-  auto     cudnn where it applies on a GPU, chunked for sequences of at least `CHUNKED_FROM` tokens, xla otherwise
-           (short sequences: the dense path is fastest and its memory is small).
-
-The Pallas splash/flash kernels for TPU are not wired in yet: on TPU `auto` takes the chunked path.
+  splash   the Pallas splash kernel on TPU (models/splash.py): causal, windows on either side, padding and segment
+           masks, GQA; no dropout or offsets. Elsewhere it runs in Pallas' interpreter (tests only: slow).
+  auto     cudnn where it applies on a GPU, splash where it applies on a TPU, chunked for sequences of at least
+           `CHUNKED_FROM` tokens, xla otherwise (short sequences: the dense path is fastest, its memory small).
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models import splash
+
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 CHUNKED_FROM = 512          # auto: sequences at least this long (queries or keys) take the chunked path
 DEFAULT_BLOCK = 512
 
@@ -249,13 +251,16 @@ def cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, spec: MaskSpec, implementat
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def resolve_impl(impl: str, *, q_len: int, k_len: int, dtype, spec_is_plain: bool, dropout: bool,
-                 backend: Optional[str] = None) -> str:
-  """The implementation `auto` stands for in this case (explicit choices are returned unchanged)."""
+                 backend: Optional[str] = None, splash_fits: bool = False) -> str:
+  """The implementation `auto` stands for in this case (explicit choices are returned unchanged).
+  splash_fits: the splash kernel can compute this case (splash.unsupported found nothing)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
+  if backend == "tpu" and splash_fits:
+    return "splash"
   if (backend == "gpu" and spec_is_plain and not dropout and q_len == k_len
       and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
     return "cudnn"
@@ -275,8 +280,13 @@ def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Union[Mas
   if not isinstance(mask, MaskSpec):
     return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, dropout_rate=dropout_rate,
                                  deterministic=deterministic, dropout_rng=dropout_rng)
-  chosen = resolve_impl(impl, q_len=q_BxTxNxH.shape[1], k_len=k_BxSxKxH.shape[1], dtype=q_BxTxNxH.dtype,
-                        spec_is_plain=mask.plain, dropout=dropout)
+  t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  chosen = resolve_impl(impl, q_len=t, k_len=s, dtype=q_BxTxNxH.dtype, spec_is_plain=mask.plain, dropout=dropout,
+                        splash_fits=splash.unsupported(mask, t, s, dropout, block_q) is None)
+  if chosen == "splash":
+    if dropout:
+      raise ValueError("model.attention_impl='splash' has no attention dropout; use 'auto' to fall back elsewhere")
+    return splash.splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, block=block_q)
   if chosen == "cudnn":
     if dropout or cudnn_window(mask) is None:
       raise ValueError("model.attention_impl='cudnn' covers causal attention (with or without a sliding window) "

@@ -58,7 +58,7 @@ class DecoderConfig(ModelConfigBase):
   dtype: str = "float32"         # compute dtype; parameters stay float32
   remat: bool = False            # rematerialise each block in the backward pass (remat_policy 'full')
   remat_policy: str = "none"     # 'none' | 'full' | 'dots' | 'dots_no_batch': what a block keeps for backward
-  attention_impl: str = "auto"   # 'auto' | 'xla' | 'chunked' | 'cudnn' (models/attention.py)
+  attention_impl: str = "auto"   # 'auto' | 'xla' | 'chunked' | 'cudnn' | 'splash' (models/attention.py)
   attention_block: int = 512     # query/key block of the chunked attention
   xent_chunk: int = 0            # tokens per chunk of the training loss's logits; 0 = auto (about 128 MB)
   vocab_multiple: int = 1        # pad the vocabulary axes to a multiple of this inside the model (128 in the
