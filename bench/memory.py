@@ -10,8 +10,9 @@ batch size and sequence length, a train step jitted as jaxlm.train does (donated
 on random token ids. Peak RSS is the process's high-water mark (ru_maxrss) including the runtime; seconds per step
 are the mean of the steps after the first (which compiles). The PyTorch peers are the independent torch
 re-implementations the test suite checks the converters against (tests/test_convert_families.py,
-tests/test_convert_hrm.py), trained with AdamW at the same batch, float32, eager, with the same rematerialisation
-setting (torch.utils.checkpoint per block when the config remats). HRM-Text1 has no torch peer here.
+tests/test_convert_hrm_text1.py), trained with AdamW at the same batch, float32, eager, with the same
+rematerialisation setting (torch.utils.checkpoint per block when the config remats). HRM has no torch peer here
+(the suite's torch HRM is the original's inference loop, not its segment-wise ACT training).
 A run that exhausts memory is reported as OOM, not as a crash.
 """
 from __future__ import annotations
@@ -114,6 +115,11 @@ def _torch_model(name: str, config):
               peers.OptimusBlock)
     return (peers.YingGemReference(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.attention_window),
             peers.YingGemBlock)
+  if name == "hrm_text1":
+    import test_convert_hrm_text1 as peers
+    return peers.RefHRMText1(m.vocab_size, m.d_model, m.n_heads, m.n_layers, m.d_ff, m.halt_max_steps), peers.RefBlock
+  # HRM: the suite's torch HRM (tests/test_convert_hrm.py) is the original's inference loop; its training (detached
+  # segments, a one-step gradient, ACT targets) has no torch re-implementation to compare with.
   return None, None
 
 
@@ -141,9 +147,10 @@ def torch_worker(name: str, steps: int, overrides, peer: str = "reference", devi
   tc = config.train
   b, t, v = tc.batch_size, tc.seq_len, config.model.vocab_size
   model = model.to(device)
-  if config.model.get("remat") and peer == "llama":
+  remat = config.model.get("remat") or config.model.get("remat_policy", "none") != "none"
+  if remat and peer == "llama":
     model.gradient_checkpointing_enable()
-  elif config.model.get("remat") and block_cls is not None:  # the jaxlm config's rematerialisation: every block
+  elif remat and block_cls is not None:  # the jaxlm config's rematerialisation: every block
     # recomputed in the backward pass
     for block in (m for m in model.modules() if isinstance(m, block_cls)):
       forward = block.forward
