@@ -282,6 +282,27 @@ MUTATIONS: List[Mutation] = [
     m("factored-statistics-sharded-like-the-parameter", "Adafactor's v_col keeps the axes of v_row",
       ["tests/test_shardings.py"],
       ("jaxlm/sharding.py", 'axis = axes[-1] if "/v_row/" in where else axes[0]', "axis = axes[-1]")),
+    # Issue 11, second part: splash attention, activation sharding, HRM-Text1's padded vocabulary.
+    m("splash-window-one-too-wide", "the splash kernel's causal window reaches one key further back than W - 1",
+      ["tests/test_attention.py", "-k", "splash"],
+      ("jaxlm/models/splash.py", "masks.LocalMask(shape, (window - 1, 0), 0)", "masks.LocalMask(shape, (window, 0), 0)")),
+    m("splash-padding-keys-visible", "the splash kernel's segment ids let queries attend to padding keys",
+      ["tests/test_attention.py", "-k", "splash"],
+      ("jaxlm/models/splash.py", "k_ids = jnp.where(spec.k_valid_BxS.astype(bool), k_ids, -1)", "k_ids = k_ids")),
+    m("splash-outside-shard-map", "the splash kernel is left to the partitioner (inputs gathered on every device)",
+      ["tests/test_shardings.py", "-k", "splash"],
+      ("jaxlm/models/splash.py", "  if active is None:\n    return local(*args)", "  if True:\n    return local(*args)")),
+    m("residual-stream-unconstrained", "the residual stream carries no sharding constraint",
+      ["tests/test_shardings.py", "-k", "activations"],
+      ("jaxlm/models/decoder.py", "  return sharding.constrain(x_BxTxD, RESIDUAL)", "  return x_BxTxD")),
+    m("embedding-lookup-on-the-sharded-table", "the embedding is looked up in the fsdp-sharded table",
+      ["tests/test_shardings.py", "-k", "activations"],
+      ("jaxlm/models/decoder.py", "table_VxD = sharding.constrain(embed.embedding, (layers.VOCAB, None))",
+       "table_VxD = embed.embedding")),
+    m("hrm-text1-padded-logits-not-masked", "HRM-Text1's padded vocabulary ids keep their logits",
+      ["tests/test_vocab_padding.py", "-k", "hrm_text1"],
+      ("jaxlm/models/hrm_text1.py", "      if c.padded_vocab > c.vocab_size:  # padding ids never win",
+       "      if False:  # padding ids never win")),
 ]
 
 

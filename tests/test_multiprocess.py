@@ -18,7 +18,7 @@ from tests.multiprocess import ROOT, device_env, distributed_flags, finish, free
 
 pytestmark = pytest.mark.slow
 
-MESHES = {"data": {"data": -1}, "fsdp": {"data": 1, "fsdp": -1}, "data_model": {"data": 4, "model": 2}}
+MESHES = {"data": {"data": -1}, "fsdp": {"data": 1, "fsdp": -1}, "data_fsdp_model": {"data": 2, "fsdp": 2, "model": 2}}
 ONE_LAYER = {"n_layers": 1}  # the decoder: what is tested is the distribution, not depth; compiles faster
 
 
@@ -27,10 +27,10 @@ def _values(rows):
 
 
 def test_two_processes_give_the_same_losses_as_one(tmp_path):
-  """The same 6 steps (and 2 evaluations) on 1 process x 8 devices and 2 x 4: a decoder on fsdp and data x model
-  meshes, HRM on fsdp (parameters sharded across the processes). The data mesh: 150 steps in the preemption test
-  below (2 x 4 against 1 x 1); 1 x 1 against 1 x 8: the cross-topology test."""
-  cases = [("yinggem", "fsdp"), ("yinggem", "data_model"), ("hrm", "fsdp")]
+  """The same 6 steps (and 2 evaluations) on 1 process x 8 devices and 2 x 4: a decoder on a data x fsdp x model
+  mesh (every kind of axis in one run), HRM on fsdp (parameters sharded across the processes). The data mesh: 150
+  steps in the preemption test below (2 x 4 against 1 x 1); 1 x 1 against 1 x 8: the cross-topology test."""
+  cases = [("yinggem", "data_fsdp_model"), ("hrm", "fsdp")]
 
   def tasks(where):
     return [{"name": f"{family}-{mesh}", "family": family, "mesh": MESHES[mesh],
@@ -49,7 +49,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
     print(f"\n{name}: max |loss 2x4 - loss 1x8| = {diff:.2e}, eval {eval_diff:.2e}")
     assert diff <= 1e-5 and eval_diff <= 1e-5
   # Not trivially equal (e.g. to a run that drops the second process's rows): the losses move.
-  assert len({round(l, 4) for _, l in one["yinggem-fsdp"]["losses"]}) > 3
+  assert len({round(l, 4) for _, l in one["yinggem-data_fsdp_model"]["losses"]}) > 3
 
 
 def test_checkpoints_move_between_topologies(tmp_path):

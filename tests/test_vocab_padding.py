@@ -40,16 +40,16 @@ def test_hrm_text1_pads_its_tied_table_and_computes_the_same():
   """HRM-Text1 (tied table, chunked loss): the padded model's logits and loss equal its unpadded form's, padded ids
   never win and their rows get no gradient."""
   from jaxlm.models import hrm_text1
-  config = hrm_text1.HRMText1Config(vocab_size=97, d_model=32, n_heads=4, n_layers=2, d_ff=64, halt_max_steps=3,
+  config = hrm_text1.HRMText1Config(vocab_size=97, d_model=16, n_heads=2, n_layers=1, d_ff=32, halt_max_steps=2,
                                     dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0, vocab_multiple=128,
                                     xent_chunk=4)
   padded = hrm_text1.HRMText1(config)
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 97)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 97)
   params = jax.tree.map(np.array, nn.unbox(padded.init(jax.random.key(1), tokens)["params"]))
-  assert params["embed"]["embedding"].shape == (128, 32) and not params["embed"]["embedding"][97:].any()
+  assert params["embed"]["embedding"].shape == (128, 16) and not params["embed"]["embedding"][97:].any()
   model_dict, unpadded = layout.canonical({**config.to_dict(), "arch": "hrm_text1"}, params)
   plain = hrm_text1.HRMText1(hrm_text1.HRMText1Config.from_dict(model_dict))
-  assert unpadded["embed"]["embedding"].shape == (97, 32)
+  assert unpadded["embed"]["embedding"].shape == (97, 16)
   want = plain.apply({"params": unpadded}, tokens)  # matmuls of other widths: float32 rounding, relative to the
   np.testing.assert_allclose(padded.apply({"params": params}, tokens), want,  # largest logit (embedding std 1)
                              atol=1e-6 * float(jnp.abs(want).max()))
