@@ -1,6 +1,6 @@
 """Compiles and runs one train step with fsdp x model parallelism, with and without the activation constraints.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/activation_probe.py [splash]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/activation_probe.py [kernels]
 Used by tests/test_shardings.py; prints JSON: per variant, the activation collectives in the compiled step (shape
 strings of [rows, length or loss chunk, ...] operands) and the loss, plus the loss of the same step on one device.
 """
@@ -79,10 +79,28 @@ def splash_on_mesh() -> None:
   text = jitted.lower(*args).compile().as_text()
   got = jitted(*args)
   want = attention.explicit_attention(q, kk, v, spec.dense())
-  print(json.dumps({"max_error": float(jnp.abs(got - want).max()),
-                    "all_gathers": len(re.findall(r" all-gather(?:-start)?\(", text))}))
+  return {"max_error": float(jnp.abs(got - want).max()),
+          "all_gathers": len(re.findall(r" all-gather(?:-start)?\(", text))}
+
+
+def residual_under_width_rules() -> dict:
+  """The decoder's final hidden states when mesh.rules also map activation_embed (a name only the residual stream
+  carries) to the model axis: the residual constraint splits their width (the spec of the jitted output)."""
+  c = load_config("configs/yinggem.py:tiny")
+  c.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64)
+  _, module = build_model(c.model.to_dict())
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
+  rules = sharding.DEFAULT_RULES + (("activation_embed", "model"),)
+  tokens = jnp.zeros((8, 16), jnp.int32)
+  params = nn.unbox(module.init(jax.random.key(0), tokens)["params"])
+  hidden = jax.jit(sharding.tracing_with_activation_sharding(
+      lambda p, t: module.apply({"params": p}, t, return_hidden=True)[0], mesh, rules))(params, tokens)
+  return {"hidden_spec": [s if s is None or isinstance(s, str) else list(s) for s in hidden.sharding.spec]}
 
 
 if __name__ == "__main__":
   import sys
-  splash_on_mesh() if sys.argv[1:] == ["splash"] else main()
+  if sys.argv[1:] == ["kernels"]:
+    print(json.dumps({**splash_on_mesh(), **residual_under_width_rules()}))
+  else:
+    main()

@@ -69,12 +69,14 @@ def test_activations_stay_on_their_devices_rows_under_fsdp_and_model_parallelism
     assert abs(report[variant]["loss"] - report["single_device_loss"]) <= 1e-5 * report["single_device_loss"]
 
 
-def test_splash_runs_on_each_devices_rows_and_heads_under_a_mesh():
+def test_splash_runs_on_each_devices_rows_and_heads_and_rules_shard_the_residual_stream():
   """A Pallas call is opaque to the partitioner: left to it, the splash kernel's inputs are gathered whole onto
   every device (6 all-gathers here). In the mesh's shard_map (fsdp=4 rows x model=2 heads) nothing is gathered and
-  the result equals the reference."""
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "activation_probe.py"), "splash"],
+  the result equals the reference. And mesh.rules reach the residual stream: mapping activation_embed to the model
+  axis splits the decoder's hidden states along their width (without the residual constraint: replicated)."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "activation_probe.py"), "kernels"],
                        env=device_env(8), capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["all_gathers"] == 0 and report["max_error"] <= 1e-5, report
+  assert report["hidden_spec"] == ["data", None, "model"], report  # rows over data (fsdp has size 1), width over model
