@@ -31,6 +31,7 @@ from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import checksum, distributed, flops, fs, optim, sharding
+from jaxlm import init_from as init_lib
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -131,6 +132,9 @@ class Trainer:
   def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
     from jaxlm import validate
+    self.parent = init_lib.load_parent(config.train)  # train.init_from: the model and tokenizer come from it
+    if self.parent is not None:
+      config = init_lib.adopt_parent(config, self.parent)
     for warning in validate.check_config(config):  # every field in range before any work
       log.warning("config: %s", warning)
     self.config, self.tc = config, config.train
@@ -230,9 +234,26 @@ class Trainer:
     for bad in damaged:
       log.warning("starting over: moved the damaged checkpoint %s to %s", bad, self.checkpointer.quarantine(bad))
     self.start_step = 0
+    if self.parent is not None:
+      return self._state_from_parent(abstract_state), None
     state = jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
         jax.random.fold_in(self.base_rng, 1))
     return state, None
+
+  def _state_from_parent(self, abstract_state) -> TrainState:
+    """Step 0 of a run from train.init_from: the parent's parameters, a fresh optimizer state (or the parent's,
+    with train.init_optimizer)."""
+    if self.tc.get("init_optimizer"):
+      state = init_lib.restore_parent_state(self.parent, abstract_state)
+      state = dataclasses.replace(state, step=jax.device_put(jnp.int32(0), self.state_sharding.step))
+    else:
+      params = init_lib.place(init_lib.initial_params(self.parent, self.model_dict), self.state_sharding.params)
+      opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
+      state = TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
+                         opt_state=opt_state)
+    log.info("started from %s (%s)", self.parent.path, "parameters and optimizer state" if
+             self.tc.get("init_optimizer") else "parameters; fresh optimizer state")
+    return state
 
   def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
     """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
@@ -285,6 +306,9 @@ class Trainer:
     tokenizer_dir = fs.join(self.workdir, "tokenizer")
     saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     tokenizer = None
+    if self.primary and self.parent is not None and not saved:  # a new run from a parent: the parent's tokenizer
+      init_lib.seed_tokenizer(self.parent, tokenizer_dir)
+      saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     if self.primary:
       if not fs.is_remote(tokenizer_dir):
         tokenizer = data_lib.resolve_tokenizer(self.config.data, tokenizer_dir)
