@@ -32,6 +32,7 @@ from etils import epath
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import checksum, distributed, flops, fs, optim, sharding
 from jaxlm import init_from as init_lib
+from jaxlm import lineage
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -176,15 +177,36 @@ class Trainer:
         config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
         eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
         eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
-    if self.primary:
-      fs.write_json_atomic(fs.join(self.workdir, "config.json"),
-                           {"model": self.model_dict, "config": json.loads(config.to_json_best_effort()),
-                            "tokenizer": {"dir": "tokenizer"}})
+    self.history = self._start_history(tokenizer)
+    self._write_config()
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
     self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
+  def _start_history(self, tokenizer) -> list:
+    """The lineage in config.json: a resumed run keeps its own; a new one appends an entry to its parent's."""
+    self.chars_per_token = 1.0 if tokenizer.kind in ("char", "vocab") else _chars_per_token(self.data, tokenizer)
+    if self.start_step:
+      kept = lineage.read(self.workdir)
+      if kept:
+        return kept
+    parent = lineage.read(self.parent.path) if self.parent is not None else []
+    return parent + [lineage.entry(str(self.config.data.corpus), vocab_size=int(self.model_dict["vocab_size"]),
+                                   params=self.n_params,
+                                   origin=self.parent.path if self.parent is not None else None)]
+
+  def _write_config(self, step: Optional[int] = None, finished: bool = False) -> None:
+    """config.json (primary only): the model, the config, the tokenizer's place and the history so far."""
+    if step is not None:
+      tokens = step * self.tc.batch_size * self.tc.seq_len
+      chars = None if self.chars_per_token is None else round(tokens * self.chars_per_token)
+      self.history = lineage.with_progress(self.history, steps=step, tokens=tokens, chars=chars, finished=finished)
+    if self.primary:
+      fs.write_json_atomic(fs.join(self.workdir, "config.json"),
+                           {"model": self.model_dict, "config": json.loads(self.config.to_json_best_effort()),
+                            "tokenizer": {"dir": "tokenizer"}, "history": self.history})
+
   def _take_workdir(self) -> None:
     """Creates the workdir and takes its lock (the primary; the others learn whether it succeeded)."""
     problem = None
@@ -348,6 +370,7 @@ class Trainer:
     self._check_nonfinite()
     try:  # also reports a failure of the previous, asynchronous save
       self.checkpointer.save(step, self.state, self._meta(step))
+      self._write_config(step)
     except (ckpt_lib.NonFiniteState, KeyboardInterrupt):
       raise
     except Exception as e:  # noqa: BLE001: Orbax and tensorstore raise many kinds
@@ -483,6 +506,7 @@ class Trainer:
 
     sample = None
     finished = step >= tc.steps or stopped_early
+    self._write_config(step, finished=finished and not interrupted)
     if finished and tc.sample_tokens and not interrupted:
       sample = self._sample()
     return TrainResult(step=step, last_loss=last_loss, best_eval_loss=self.run_meta["best_eval_loss"],
@@ -525,6 +549,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir` (see Trainer). `stop_after_steps` stops (saving) after that many steps of this
   call, as an interruption would; it exists for resume tests."""
   return Trainer(config, workdir).run(stop_after_steps)
+
+
+def _chars_per_token(data, tokenizer) -> Optional[float]:
+  """Characters per token of the first validation batch (history's `chars` of subword tokenizers)."""
+  try:
+    ids = np.asarray(data.eval_batches()[0]["inputs"]).reshape(-1)[:4096].tolist()
+    return len(tokenizer.decode(ids)) / max(len(ids), 1)
+  except Exception:  # noqa: BLE001: an estimate for the record, never a reason to stop training
+    return None
 
 
 def _progress_bar(tc, start_step):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from convert import api
-from jaxlm import modeldir, trainer
+from jaxlm import lineage, modeldir, trainer
 from jaxlm.checkpoint import RunCheckpointer
 from jaxlm.config_defaults import load_config
 from jaxlm.steps import TrainState
@@ -65,6 +65,12 @@ def test_a_run_starts_from_a_converted_original(originals, family, tmp_path):
     written = json.loads((tmp_path / "work" / "config.json").read_text())
     assert written["model"]["d_model"] == parent.model_dict["d_model"]
     assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").exists()
+    history = written["history"]  # the parent's lineage, then this run's entry
+    assert history[:-1] == lineage.read(originals[family]) and history[-1]["from"] == originals[family]
+    assert history[-1]["params"] == run.n_params and history[-1]["finished"] is None
+    if family == "hrm":  # the original's datasets_trained, imported
+      assert [e["corpus"] for e in history] == ["fixture", str(c.data.corpus)]
+      assert history[0]["finished"] == "2025-01-01T00:00:00"
   finally:
     run.close()
 
@@ -145,6 +151,8 @@ def test_fine_tuned_optimus_prime_exports_back_and_loads_in_the_original_format(
   assert result.step == 3
   tuned, original = modeldir.load(work), modeldir.load(originals["optimus_prime"])
   assert not same_tree(tuned.params, original.params)  # it trained
+  last = lineage.read(work)[-1]
+  assert (last["steps"], last["tokens"]) == (3, 3 * 4 * 16) and last["chars"] > last["tokens"] and last["finished"]
   config_module = types.ModuleType("config")  # what the original code has importable when it loads
   import dataclasses
 
@@ -167,3 +175,14 @@ def test_fine_tuned_optimus_prime_exports_back_and_loads_in_the_original_format(
   _, module = build_model(tuned.model_dict)
   got = forward(module, tuned.params, ids)
   assert np.max(np.abs(got - expected)) <= 1.5e-6 * np.max(np.abs(expected)) + 1e-7
+
+
+def test_hrm_export_records_the_history_as_datasets_trained(originals, tmp_path):
+  torch = pytest.importorskip("torch")
+  parent = modeldir.load(originals["hrm"])
+  history = lineage.read(originals["hrm"]) + [lineage.entry("alice+looking_glass"), lineage.entry("fixture")]
+  model_dir = modeldir.save_model_dir(str(tmp_path / "m"), parent.model_dict, parent.params,
+                                      json.load(open(os.path.join(originals["hrm"], "tokenizer.json"))),
+                                      parent.source, history=history)
+  out = api.jax2torch(model_dir, str(tmp_path / "hrm.pt"))
+  assert torch.load(out, weights_only=False)["datasets_trained"] == ["fixture", "alice+looking_glass"]
