@@ -49,32 +49,48 @@ CASES = {  # family -> (model changes, grow arguments)
 }
 
 
+def forward(model, params, ids):
+  _, module = build_model(model)
+  return np.asarray(jax.jit(lambda p, t: module.apply({"params": p}, t))(params, ids))
+
+
 @pytest.mark.parametrize("family", sorted(CASES))
-def test_grown_model_computes_the_same_logits(family, tmp_path):
+def test_grown_model_computes_the_same_logits(family):
   changes, how = CASES[family]
   model = family_model(family, **changes)
-  src = modeldir.save_model_dir(str(tmp_path / "src"), model, trained_like_params(model), source={"family": family},
-                                history=[lineage.entry("alice", vocab_size=40)])
-  out = grow.grow(src, str(tmp_path / "grown"), **how)
-  grown = modeldir.load(out)
+  params = trained_like_params(model)
   if family == "hrm":
-    assert (grown.model_dict["l_layers"], grown.model_dict["h_layers"]) == (2, 3)
+    grown_model, grown = grow.add_hrm_layers(model, params, how["add_l"], how["add_h"])
+    assert (grown_model["l_layers"], grown_model["h_layers"]) == (2, 3)
   else:
-    assert grown.model_dict["n_layers"] == 2 + how["add_layers_k"]
+    grown_model, grown = grow.add_layers(model, params, how["add_layers_k"])
+    assert grown_model["n_layers"] == 2 + how["add_layers_k"]
+  modeldir.check_params(grown_model, grown)  # the tree the grown config expects
   ids = np.random.default_rng(1).integers(0, 40, size=(2, 12)).astype(np.int32)
-  before, after = logits(src, ids), logits(out, ids)
+  before, after = forward(model, params, ids), forward(grown_model, grown, ids)
   # measured max |difference|: 0.0 for every family (x + 0 is exact)
   assert np.max(np.abs(after - before)) <= 1e-6 * np.max(np.abs(before)), family
-  event = lineage.read(out)[-1]["events"][-1]
-  assert event["kind"] == "layers" and event["params_after"] > event["params_before"]
+
+
+def test_cli_writes_the_grown_directory_with_its_history(tmp_path):
+  model = family_model("optimus_prime")
+  src = modeldir.save_model_dir(str(tmp_path / "src"), model, trained_like_params(model),
+                                source={"family": "optimus_prime"}, history=[lineage.entry("alice", vocab_size=40)])
+  assert grow.main(["--src", src, "--out", str(tmp_path / "grown"), "--add-layers", "2"]) == 0
+  grown = modeldir.load(str(tmp_path / "grown"))
+  assert grown.model_dict["n_layers"] == 4
+  history = lineage.read(str(tmp_path / "grown"))
+  assert history[0]["corpus"] == "alice" and history[-1]["events"][-1]["kind"] == "layers"
+  assert history[-1]["events"][-1]["params_after"] > history[-1]["events"][-1]["params_before"]
 
 
 def test_refusals_name_the_reason(tmp_path):
   post = family_model("hrm", l_layers=1, h_layers=1, norm_position="post")
-  src = modeldir.save_model_dir(str(tmp_path / "post"), post, trained_like_params(post), source={"family": "hrm"})
+  params = trained_like_params(post)
   with pytest.raises(ValueError, match="post-norm"):
-    grow.grow(src, str(tmp_path / "a"), add_l=1)
+    grow.add_hrm_layers(post, params, 1, 0)
   with pytest.raises(ValueError, match="--add-layers grows decoder models"):
-    grow.grow(src, str(tmp_path / "b"), add_layers_k=1)
-  assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
-  assert grow.main(["--src", src, "--out", str(tmp_path / "c")]) == 2  # nothing to add
+    grow.add_layers(post, params, 1)
+  assert grow.main(["--src", str(tmp_path / "none"), "--out", str(tmp_path / "c"), "--add-layers", "1"]) == 2
+  assert grow.main(["--src", str(tmp_path), "--out", str(tmp_path / "d")]) == 2  # nothing to add
+  assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "d")
