@@ -167,3 +167,40 @@ def restore_parent_state(parent: Parent, abstract_state: Any) -> Any:
   finally:
     manager.close()
   return restored["state"]
+
+
+def grown_tokenizer(parent: Parent, data_cfg):
+  """The parent's tokenizer extended with the characters of the run's corpus it lacks (None when nothing is
+  new, or the kind has fixed ids); refused when the parent's model has more ids than its tokenizer (the new ids
+  would land on rows that already exist)."""
+  from jaxlm.data import sources, tokenizers
+  if parent.tokenizer_dir is None:
+    return None
+  tokenizer = tokenizers.load_tokenizer(parent.tokenizer_dir)
+  if not hasattr(tokenizer, "extended") or not data_cfg.get("grow_vocab", True):
+    return None
+  grown = tokenizer.extended(sources.load_text(str(data_cfg.corpus), data_cfg.text_field, data_cfg.format))
+  if grown.vocab_size == tokenizer.vocab_size:
+    return None
+  if int(parent.model_dict["vocab_size"]) != tokenizer.vocab_size:
+    raise ValueError(f"train.init_from={parent.path!r}: the corpus {data_cfg.corpus!r} has "
+                     f"{grown.vocab_size - tokenizer.vocab_size} characters the parent's tokenizer lacks, but its model "
+                     f"has {parent.model_dict['vocab_size']} ids for {tokenizer.vocab_size} tokens: cannot append")
+  return grown
+
+
+def probe_windows(data_cfg, tokenizer, n_old: int, seq_len: int, max_windows: int = 16) -> np.ndarray:
+  """Validation windows [N, seq_len] of the run's corpus made of old ids only: the text the grown rows are fitted
+  and checked on (the same on every process: the whole split, not a process's rows)."""
+  from jaxlm.data import pipeline, sources
+  text = sources.load_text(str(data_cfg.corpus), data_cfg.text_field, data_cfg.format)
+  _, val = pipeline.split_tokens(np.asarray(tokenizer.encode(text), np.int32), float(data_cfg.val_fraction))
+  if len(val) < seq_len:
+    val = np.asarray(tokenizer.encode(text), np.int32)
+  windows = [val[i:i + seq_len] for i in range(0, len(val) - seq_len + 1, seq_len)]
+  windows = [w for w in windows if w.max() < n_old][:max_windows]
+  if not windows:
+    raise ValueError(f"vocabulary growth: no window of {seq_len} old tokens in {data_cfg.corpus!r} to fit the new "
+                     "rows on; lower train.seq_len")
+  return np.stack(windows)
+

@@ -155,6 +155,9 @@ class Trainer:
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
     tokenizer = self._shared_tokenizer(data_lib)
+    self.vocab_growth = None
+    if self.parent is not None and tokenizer.vocab_size > int(self.parent.model_dict["vocab_size"]):
+      config.data.vocab_size = config.model.vocab_size = tokenizer.vocab_size  # grown from the parent's
     model_dict = _model_dict(config, int(config.data.get("vocab_size", 0)) or tokenizer.vocab_size)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
@@ -178,6 +181,8 @@ class Trainer:
         eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
         eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
     self.history = self._start_history(tokenizer)
+    if self.vocab_growth is not None:
+      self.history = lineage.with_event(self.history, self.vocab_growth)
     self._write_config()
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
@@ -265,17 +270,38 @@ class Trainer:
   def _state_from_parent(self, abstract_state) -> TrainState:
     """Step 0 of a run from train.init_from: the parent's parameters, a fresh optimizer state (or the parent's,
     with train.init_optimizer)."""
+    n_old = int(self.parent.model_dict["vocab_size"])
+    if self.tc.get("init_optimizer") and self.model_dict["vocab_size"] != n_old:
+      raise ValueError(f"train.init_optimizer: the vocabulary grew from {n_old} to {self.model_dict['vocab_size']} "
+                       f"ids on {self.config.data.corpus!r}, so the parent's optimizer state does not fit; leave it off")
     if self.tc.get("init_optimizer"):
       state = init_lib.restore_parent_state(self.parent, abstract_state)
       state = dataclasses.replace(state, step=jax.device_put(jnp.int32(0), self.state_sharding.step))
     else:
-      params = init_lib.place(init_lib.initial_params(self.parent, self.model_dict), self.state_sharding.params)
+      params = init_lib.place(init_lib.initial_params(self.parent, self.model_dict, self._grown_parent_params()),
+                              self.state_sharding.params)
       opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
       state = TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
                          opt_state=opt_state)
     log.info("started from %s (%s)", self.parent.path, "parameters and optimizer state" if
              self.tc.get("init_optimizer") else "parameters; fresh optimizer state")
     return state
+
+  def _grown_parent_params(self):
+    """The parent's canonical params with rows for the ids its tokenizer gained (None when none were added)."""
+    from jaxlm import vocab_growth
+    n_old, n_new = int(self.parent.model_dict["vocab_size"]), int(self.model_dict["vocab_size"])
+    if n_new == n_old:
+      return None
+    tokenizer = data_lib_tokenizer(fs.local_dir(fs.join(self.workdir, "tokenizer")))
+    probe = init_lib.probe_windows(self.config.data, tokenizer, n_old, self.tc.seq_len)
+    growth = vocab_growth.grow_checked(self.parent.model_dict, self.parent.params, n_new - n_old, probe)
+    self.vocab_growth = {"kind": "vocab", "step": 0, "vocab_before": n_old, "vocab_after": n_new,
+                         "added": tokenizer.decode(list(range(n_old, n_new))), "at": lineage.now(),
+                         **{k: v for k, v in growth.figures.items() if k != "old_logits_bit_equal"},
+                         "old_logits_bit_equal": growth.figures["old_logits_bit_equal"]}
+    log.info("vocabulary grown %d -> %d ids: %s", n_old, n_new, growth.figures)
+    return growth.params
 
   def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
     """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
@@ -328,8 +354,9 @@ class Trainer:
     tokenizer_dir = fs.join(self.workdir, "tokenizer")
     saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     tokenizer = None
-    if self.primary and self.parent is not None and not saved:  # a new run from a parent: the parent's tokenizer
-      init_lib.seed_tokenizer(self.parent, tokenizer_dir)
+    if self.primary and self.parent is not None and not saved:  # a new run from a parent: the parent's tokenizer,
+      # grown by the characters of this corpus it lacks (vocabulary growth, see jaxlm.vocab_growth)
+      init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
       saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     if self.primary:
       if not fs.is_remote(tokenizer_dir):
@@ -549,6 +576,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir` (see Trainer). `stop_after_steps` stops (saving) after that many steps of this
   call, as an interruption would; it exists for resume tests."""
   return Trainer(config, workdir).run(stop_after_steps)
+
+
+def data_lib_tokenizer(directory):
+  from jaxlm.data import tokenizers
+  return tokenizers.load_tokenizer(directory)
 
 
 def _chars_per_token(data, tokenizer) -> Optional[float]:

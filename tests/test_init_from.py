@@ -79,18 +79,17 @@ def parent_workdir(tmp_path, family="yinggem"):
   """A workdir holding one checkpoint with a non-trivial optimizer state, as the trainer writes it."""
   model = load_config(os.path.join(ROOT, "configs", f"{family}.py:tiny")).model.to_dict()
   chars = sorted(set(open(os.path.join(ROOT, "jaxlm/data/corpora/alice.txt"), encoding="utf-8").read()))
-  model.update(vocab_size=len(chars), d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16, family=family)
+  model.update(vocab_size=len(chars), d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16, family=family)
   from jaxlm.models import build_model
   import jax.numpy as jnp
-  from flax import linen
-  cfg, module = build_model(model)
-  params = linen.meta.unbox(module.init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"])
+  from small_models import random_params
+  cfg, _ = build_model(model)
+  params = random_params(model, seed=3)
   c = load_config(os.path.join(ROOT, "configs", f"{family}.py:tiny"))
   from jaxlm import optim
   optimizer, _ = optim.make_optimizer(c.opt, c.train.steps)
-  opt_state = optimizer.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)  # one update: moments that are not zeros
-  _, opt_state = jax.jit(optimizer.update)(grads, opt_state, params)
+  # Moments that are not zeros (as after updates), without compiling an update.
+  opt_state = jax.tree.map(lambda x: np.asarray(x) + 0.5 if np.ndim(x) > 0 else x, optimizer.init(params))
   work = tmp_path / "parent"
   run = RunCheckpointer(str(work))
   run.save(7, TrainState(step=jnp.int32(7), params=params, opt_state=opt_state),

@@ -5,15 +5,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen
 
 from jaxlm import vocab_growth
 from jaxlm.config_defaults import load_config
 from jaxlm.data.tokenizers import CharTokenizer, VocabTokenizer
-from jaxlm.models import build_model
+from small_models import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, NEW, WIDTH = 30, 16, 16  # NEW == WIDTH: the probe model is the grown model's shape (one compile less)
@@ -30,15 +28,6 @@ def small_model(family):
   if model["arch"] == "decoder":
     model.update(n_layers=1, d_ff=32, n_kv_heads=0, head_dim=0, attention_window=4 if model.get("attention_window") else 0)
   return model
-
-
-def random_params(model, seed=0):
-  """Trained-like values of the model's shapes without compiling its init: no norm scale 1, no bias 0."""
-  _, module = build_model(model)
-  shapes = linen.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: ((1.0 if len(s.shape) == 1 else 0.0) + (0.3 if len(s.shape) == 1 else 0.2)
-                                 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
 def log_softmax(x):
@@ -94,3 +83,30 @@ def test_char_vocabularies_grow_by_appending():
   vocab = VocabTokenizer(["<PAD>", "<UNK>", "<BOS>", "<EOS>", "a", "b"])
   bigger = vocab.extended("abc")
   assert bigger.tokens[-1] == "c" and bigger.encode("abc") == [4, 5, 6] and bigger.unk_id == 1
+
+
+def test_a_run_from_a_parent_grows_its_vocabulary_on_a_new_corpus(tmp_path):
+  """Alice's characters, continued on tiny Shakespeare ('&' and the straight apostrophe are new)."""
+  from jaxlm import lineage, modeldir, trainer
+  chars = sorted(set(open(os.path.join(ROOT, "jaxlm/data/corpora/alice.txt"), encoding="utf-8").read()))
+  model = {**small_model("optimus_prime"), "vocab_size": len(chars), "max_seq_len": 16, "family": "optimus_prime"}
+  params = random_params(model)
+  parent = modeldir.save_model_dir(str(tmp_path / "parent"), model, params, {"kind": "char", "chars": chars},
+                                   source={"family": "optimus_prime"})
+  c = load_config(os.path.join(ROOT, "configs", "optimus_prime.py:tiny"))
+  c.data.update(corpus="tinyshakespeare", format="text", packing="windows", eval_batches=1)
+  c.train.update(steps=1, batch_size=2, seq_len=16, eval_every=0, save_every=1, log_every=1, sample_tokens=0,
+                 progress=False, init_from=parent)
+  run = trainer.Trainer(c, str(tmp_path / "work"))
+  try:
+    assert run.model_dict["vocab_size"] == len(chars) + 2
+    grown = jax.device_get(run.state.params)
+    assert np.array_equal(np.asarray(grown["embed"]["embedding"])[:len(chars)], params["embed"]["embedding"])
+    tokenizer = CharTokenizer(json.loads((tmp_path / "work" / "tokenizer" / "tokenizer.json").read_text())["chars"])
+    assert tokenizer.chars[:len(chars)] == chars and sorted(tokenizer.chars[len(chars):]) == ["&", "'"]
+    event = lineage.read(str(tmp_path / "work"))[-1]["events"][-1]
+    print("trainer growth event:", event)
+    assert event["kind"] == "vocab" and event["vocab_after"] == len(chars) + 2 and event["old_logits_bit_equal"]
+    assert event["new_probability_max"] <= 1e-4
+  finally:
+    run.close()
