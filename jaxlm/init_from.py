@@ -177,7 +177,7 @@ def grown_tokenizer(parent: Parent, data_cfg):
   if parent.tokenizer_dir is None:
     return None
   tokenizer = tokenizers.load_tokenizer(parent.tokenizer_dir)
-  if not hasattr(tokenizer, "extended") or not data_cfg.get("grow_vocab", True):
+  if not hasattr(tokenizer, "extended"):
     return None
   grown = tokenizer.extended(sources.load_text(str(data_cfg.corpus), data_cfg.text_field, data_cfg.format))
   if grown.vocab_size == tokenizer.vocab_size:

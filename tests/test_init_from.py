@@ -60,7 +60,10 @@ def test_a_run_starts_from_a_converted_original(originals, family, tmp_path):
   try:
     parent = modeldir.load(originals[family])
     assert run.start_step == 0 and int(run.state.step) == 0
-    assert same_tree(jax.device_get(run.state.params), parent.params)
+    # The parent's arrays (HRM's vocab tokenizer lacks some of Alice's characters: its vocabulary grows, old rows kept)
+    assert same_tree(jax.tree.map(lambda x, y: np.asarray(x)[tuple(map(slice, np.shape(y)))],
+                                  jax.device_get(run.state.params), parent.params), parent.params)
+    assert (run.model_dict["vocab_size"] > parent.model_dict["vocab_size"]) == (family == "hrm")
     assert run.model_dict["d_model"] == parent.model_dict["d_model"] and run.model_dict["family"] == family
     written = json.loads((tmp_path / "work" / "config.json").read_text())
     assert written["model"]["d_model"] == parent.model_dict["d_model"]
