@@ -13,7 +13,8 @@ from convert import differences as diff
 from convert import family as fam
 from convert import output, torchfile
 from convert.errors import ConversionError
-from jaxlm import modeldir
+from convert import jsonable
+from jaxlm import lineage, modeldir
 
 
 def _options(options: Optional[argparse.Namespace], **kwargs) -> argparse.Namespace:
@@ -65,7 +66,7 @@ def torch2jax(src: str, out: str, family: Optional[str] = None, options: Optiona
   try:
     with output.writing(out):
       return modeldir.save_model_dir(out, imported.model, params, imported.tokenizer, imported.source,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, history=lineage.from_source(imported.source))
   except ValueError as e:  # a parameter tree that does not fit the model: a converter bug or bad sizes
     raise ConversionError(f"{src}: {e}") from None
 
@@ -141,6 +142,11 @@ def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "la
   model = _resolved_model(loaded.model_dict)
   params = traverse_util.flatten_dict(loaded.params, sep="/")
   source = loaded.source if loaded.source.get("family") == chosen.name else {}
+  history = lineage.read(src)
+  if history and chosen.name == "hrm":  # the original's record of what it has trained on
+    original = jsonable.decode(source.get("datasets_trained") or [])
+    source = {**source, "datasets_trained": jsonable.encode(lineage.datasets_trained(history, original),
+                                                            "datasets_trained")}
   tokenizer = _tokenizer_json(loaded.tokenizer_dir)
   out = _export_path(out, chosen, model, source)
   chosen.check(model, params)

@@ -67,6 +67,9 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.progress = True               # tqdm progress bar
   c.train.on_nonfinite = "stop"         # a NaN/Inf loss or gradient: stop (exit 1) | skip (drop that update)
   c.train.on_unrestorable = "fail"      # no checkpoint restores (all damaged): fail | fresh (start over)
+  c.train.init_from = ""                # model directory or workdir whose weights a new run starts from
+  c.train.init_which = "latest"         # latest | best checkpoint of an init_from workdir
+  c.train.init_optimizer = False        # also the init_from workdir's optimizer state (same arrays only)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                      # -1: every remaining device

@@ -98,13 +98,15 @@ def check_params(model_dict: Mapping[str, Any], params: Any, where: str = "param
 # ------------------------------------------------------------------------------------------ write / read
 def save_model_dir(out_dir: str, model_dict: Mapping[str, Any], params: Any,
                    tokenizer_json: Optional[Mapping[str, Any]] = None,
-                   source: Optional[Mapping[str, Any]] = None, *, overwrite: bool = False) -> str:
-  """Writes a model directory at `out_dir` (atomically) and returns its absolute path."""
+                   source: Optional[Mapping[str, Any]] = None, *, overwrite: bool = False,
+                   history: Optional[list] = None) -> str:
+  """Writes a model directory at `out_dir` (atomically) and returns its absolute path; `history` is its
+  lineage (jaxlm.lineage)."""
   import orbax.checkpoint as ocp
   model_dict = dict(model_dict)
   model_dict.setdefault("arch", "decoder")
   params = check_params(model_dict, params)
-  config = {"model": model_dict, "source": dict(source or {})}
+  config = {"model": model_dict, "source": dict(source or {}), "history": list(history or [])}
   if tokenizer_json is not None:
     config["tokenizer"] = {"file": TOKENIZER_FILE, "kind": tokenizer_json.get("kind")}
   with staged_output(out_dir, is_dir=True, overwrite=overwrite) as tmp:

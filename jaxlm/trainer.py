@@ -31,6 +31,8 @@ from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import checksum, distributed, flops, fs, optim, sharding
+from jaxlm import init_from as init_lib
+from jaxlm import lineage
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -131,6 +133,9 @@ class Trainer:
   def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
     from jaxlm import validate
+    self.parent = init_lib.load_parent(config.train)  # train.init_from: the model and tokenizer come from it
+    if self.parent is not None:
+      config = init_lib.adopt_parent(config, self.parent)
     for warning in validate.check_config(config):  # every field in range before any work
       log.warning("config: %s", warning)
     self.config, self.tc = config, config.train
@@ -150,6 +155,9 @@ class Trainer:
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
     tokenizer = self._shared_tokenizer(data_lib)
+    self.vocab_growth = None
+    if self.parent is not None and tokenizer.vocab_size > int(self.parent.model_dict["vocab_size"]):
+      config.data.vocab_size = config.model.vocab_size = tokenizer.vocab_size  # grown from the parent's
     model_dict = _model_dict(config, int(config.data.get("vocab_size", 0)) or tokenizer.vocab_size)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
@@ -172,15 +180,38 @@ class Trainer:
         config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
         eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
         eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
-    if self.primary:
-      fs.write_json_atomic(fs.join(self.workdir, "config.json"),
-                           {"model": self.model_dict, "config": json.loads(config.to_json_best_effort()),
-                            "tokenizer": {"dir": "tokenizer"}})
+    self.history = self._start_history(tokenizer)
+    if self.vocab_growth is not None:
+      self.history = lineage.with_event(self.history, self.vocab_growth)
+    self._write_config()
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
     self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
+  def _start_history(self, tokenizer) -> list:
+    """The lineage in config.json: a resumed run keeps its own; a new one appends an entry to its parent's."""
+    self.chars_per_token = 1.0 if tokenizer.kind in ("char", "vocab") else _chars_per_token(self.data, tokenizer)
+    if self.start_step:
+      kept = lineage.read(self.workdir)
+      if kept:
+        return kept
+    parent = lineage.read(self.parent.path) if self.parent is not None else []
+    return parent + [lineage.entry(str(self.config.data.corpus), vocab_size=int(self.model_dict["vocab_size"]),
+                                   params=self.n_params,
+                                   origin=self.parent.path if self.parent is not None else None)]
+
+  def _write_config(self, step: Optional[int] = None, finished: bool = False) -> None:
+    """config.json (primary only): the model, the config, the tokenizer's place and the history so far."""
+    if step is not None:
+      tokens = step * self.tc.batch_size * self.tc.seq_len
+      chars = None if self.chars_per_token is None else round(tokens * self.chars_per_token)
+      self.history = lineage.with_progress(self.history, steps=step, tokens=tokens, chars=chars, finished=finished)
+    if self.primary:
+      fs.write_json_atomic(fs.join(self.workdir, "config.json"),
+                           {"model": self.model_dict, "config": json.loads(self.config.to_json_best_effort()),
+                            "tokenizer": {"dir": "tokenizer"}, "history": self.history})
+
   def _take_workdir(self) -> None:
     """Creates the workdir and takes its lock (the primary; the others learn whether it succeeded)."""
     problem = None
@@ -230,9 +261,47 @@ class Trainer:
     for bad in damaged:
       log.warning("starting over: moved the damaged checkpoint %s to %s", bad, self.checkpointer.quarantine(bad))
     self.start_step = 0
+    if self.parent is not None:
+      return self._state_from_parent(abstract_state), None
     state = jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.state_sharding)(
         jax.random.fold_in(self.base_rng, 1))
     return state, None
+
+  def _state_from_parent(self, abstract_state) -> TrainState:
+    """Step 0 of a run from train.init_from: the parent's parameters, a fresh optimizer state (or the parent's,
+    with train.init_optimizer)."""
+    n_old = int(self.parent.model_dict["vocab_size"])
+    if self.tc.get("init_optimizer") and self.model_dict["vocab_size"] != n_old:
+      raise ValueError(f"train.init_optimizer: the vocabulary grew from {n_old} to {self.model_dict['vocab_size']} "
+                       f"ids on {self.config.data.corpus!r}, so the parent's optimizer state does not fit; leave it off")
+    if self.tc.get("init_optimizer"):
+      state = init_lib.restore_parent_state(self.parent, abstract_state)
+      state = dataclasses.replace(state, step=jax.device_put(jnp.int32(0), self.state_sharding.step))
+    else:
+      params = init_lib.place(init_lib.initial_params(self.parent, self.model_dict, self._grown_parent_params()),
+                              self.state_sharding.params)
+      opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_sharding.opt_state)(params)
+      state = TrainState(step=jax.device_put(jnp.int32(0), self.state_sharding.step), params=params,
+                         opt_state=opt_state)
+    log.info("started from %s (%s)", self.parent.path, "parameters and optimizer state" if
+             self.tc.get("init_optimizer") else "parameters; fresh optimizer state")
+    return state
+
+  def _grown_parent_params(self):
+    """The parent's canonical params with rows for the ids its tokenizer gained (None when none were added)."""
+    from jaxlm import vocab_growth
+    n_old, n_new = int(self.parent.model_dict["vocab_size"]), int(self.model_dict["vocab_size"])
+    if n_new == n_old:
+      return None
+    tokenizer = data_lib_tokenizer(fs.local_dir(fs.join(self.workdir, "tokenizer")))
+    probe = init_lib.probe_windows(self.config.data, tokenizer, n_old, self.tc.seq_len)
+    growth = vocab_growth.grow_checked(self.parent.model_dict, self.parent.params, n_new - n_old, probe)
+    self.vocab_growth = {"kind": "vocab", "step": 0, "vocab_before": n_old, "vocab_after": n_new,
+                         "added": tokenizer.decode(list(range(n_old, n_new))), "at": lineage.now(),
+                         **{k: v for k, v in growth.figures.items() if k != "old_logits_bit_equal"},
+                         "old_logits_bit_equal": growth.figures["old_logits_bit_equal"]}
+    log.info("vocabulary grown %d -> %d ids: %s", n_old, n_new, growth.figures)
+    return growth.params
 
   def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
     """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
@@ -285,6 +354,10 @@ class Trainer:
     tokenizer_dir = fs.join(self.workdir, "tokenizer")
     saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     tokenizer = None
+    if self.primary and self.parent is not None and not saved:  # a new run from a parent: the parent's tokenizer,
+      # grown by the characters of this corpus it lacks (vocabulary growth, see jaxlm.vocab_growth)
+      init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
+      saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     if self.primary:
       if not fs.is_remote(tokenizer_dir):
         tokenizer = data_lib.resolve_tokenizer(self.config.data, tokenizer_dir)
@@ -324,6 +397,7 @@ class Trainer:
     self._check_nonfinite()
     try:  # also reports a failure of the previous, asynchronous save
       self.checkpointer.save(step, self.state, self._meta(step))
+      self._write_config(step)
     except (ckpt_lib.NonFiniteState, KeyboardInterrupt):
       raise
     except Exception as e:  # noqa: BLE001: Orbax and tensorstore raise many kinds
@@ -459,6 +533,7 @@ class Trainer:
 
     sample = None
     finished = step >= tc.steps or stopped_early
+    self._write_config(step, finished=finished and not interrupted)
     if finished and tc.sample_tokens and not interrupted:
       sample = self._sample()
     return TrainResult(step=step, last_loss=last_loss, best_eval_loss=self.run_meta["best_eval_loss"],
@@ -501,6 +576,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir` (see Trainer). `stop_after_steps` stops (saving) after that many steps of this
   call, as an interruption would; it exists for resume tests."""
   return Trainer(config, workdir).run(stop_after_steps)
+
+
+def data_lib_tokenizer(directory):
+  from jaxlm.data import tokenizers
+  return tokenizers.load_tokenizer(directory)
+
+
+def _chars_per_token(data, tokenizer) -> Optional[float]:
+  """Characters per token of the first validation batch (history's `chars` of subword tokenizers)."""
+  try:
+    ids = np.asarray(data.eval_batches()[0]["inputs"]).reshape(-1)[:4096].tolist()
+    return len(tokenizer.decode(ids)) / max(len(ids), 1)
+  except Exception:  # noqa: BLE001: an estimate for the record, never a reason to stop training
+    return None
 
 
 def _progress_bar(tc, start_step):

@@ -140,7 +140,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
       "data": {
           "corpus": STRING, "text_field": STRING, "tokenizer_path": STRING,
           "format": choice(*sorted(sources._FORMATS)),
-          "tokenizer": choice(*sorted(tokenizers._FACTORIES)),
+          "tokenizer": choice(*sorted(tokenizers._KINDS)),  # kinds a saved tokenizer.json may be (vocab: HRM's)
           "packing": choice(*sorted(pipeline._STRIDES)),
           "vocab_size": integer(0, note="0 = the tokenizer's"),
           "val_fraction": number(0, 1, high_open=True),
@@ -163,6 +163,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "sample_temperature": number(0), "progress": BOOL,
           "on_nonfinite": optional(choice("stop", "skip")), "on_unrestorable": optional(choice("fail", "fresh")),
           "init_from": optional(STRING), "init_which": optional(choice("latest", "best")),
+          "init_optimizer": optional(BOOL),
       },
       "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis},
   }

@@ -132,6 +132,10 @@ class CharTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     return "".join(self.chars[i] for i in _check_ids(ids, self.vocab_size, self.kind))
 
+  def extended(self, text: str) -> "CharTokenizer":
+    """This vocabulary with the characters of `text` it lacks appended (sorted): old ids keep their meaning."""
+    return CharTokenizer(self.chars + sorted(set(text) - set(self.chars)))
+
   def _config(self, directory):
     return {"chars": self.chars}
 
@@ -330,6 +334,12 @@ class VocabTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     ids = _check_ids(ids, self.vocab_size, self.kind)
     return "".join(self.tokens[i] for i in ids if i != self.pad_id)
+
+  def extended(self, text: str) -> "VocabTokenizer":
+    """This vocabulary with the characters of `text` it lacks appended (sorted), as the original's continual
+    tokenizer grows: old ids keep their meaning."""
+    return VocabTokenizer(self.tokens + sorted(set(text) - set(self.tokens)), self.level, self.pad_id,
+                          self.unk_id, self.bos_id, self.eos_id)
 
   def vocab(self) -> Dict[str, int]:
     return {t: i for i, t in enumerate(self.tokens)}
