@@ -10,8 +10,10 @@ of block-pair updates per position. (Its per-step states are inside scans and ar
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,7 +24,8 @@ def hrm_trace(config, module, params, tokens: List[int], n_cycles: int, t_steps:
   """{'l_norms': [segments*N*T], 'h_norms': [segments*N], 'halt_margin': [segments, positions or 1],
   'steps': [positions or 1], 'segments': int} for one prompt in mode (n_cycles, t_steps)."""
   ids = jnp.asarray([tokens], jnp.int32)
-  act = module.apply({"params": params}, ids, n_cycles=n_cycles, t_steps=t_steps, method=module.act)
+  act = jax.jit(functools.partial(module.apply, n_cycles=n_cycles, t_steps=t_steps, method=module.act))(
+      {"params": params}, ids)
   steps = np.asarray(act["steps"]).reshape(-1)
   segments = int(steps.max())
 
@@ -41,7 +44,8 @@ def hrm_trace(config, module, params, tokens: List[int], n_cycles: int, t_steps:
       margins.append((q[..., 0] - q[..., 1]).reshape(-1))
     return jnp.stack(l_norms), jnp.stack(h_norms), jnp.stack(margins)
 
-  l_norms, h_norms, margins = module.apply({"params": params}, ids, method=replay)
+  # One compiled program: unjitted, the unrolled steps dispatch op by op.
+  l_norms, h_norms, margins = jax.jit(functools.partial(module.apply, method=replay))({"params": params}, ids)
   return {"n_cycles": n_cycles, "t_steps": t_steps, "segments": segments, "steps": steps.tolist(),
           "l_norms": np.asarray(l_norms).tolist(), "h_norms": np.asarray(h_norms).tolist(),
           "halt_margin": np.asarray(margins).tolist()}
@@ -49,7 +53,8 @@ def hrm_trace(config, module, params, tokens: List[int], n_cycles: int, t_steps:
 
 def hrm_text1_trace(module, params, tokens: List[int]) -> Dict[str, Any]:
   """{'halt_probs': [layers, steps, positions], 'expected_updates': [positions]} for one prompt."""
-  out = module.apply({"params": params}, jnp.asarray([tokens], jnp.int32), method=module.ponder)
+  out = jax.jit(functools.partial(module.apply, method=module.ponder))({"params": params},
+                                                                      jnp.asarray([tokens], jnp.int32))
   return {"halt_probs": np.asarray(out["halt_probs"])[:, :, 0, :].tolist(),
           "expected_updates": np.asarray(out["expected_updates"])[0].tolist()}
 
