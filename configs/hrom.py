@@ -11,7 +11,10 @@ Kept from the original: pre-LayerNorm (eps 1e-5, with bias), fused-qkv attention
 embedding init N(0, 1), AdamW 3e-4 with weight decay 0.01 on every parameter and constant LR, <s>/<user>/
 <assistant>/</s> dialogue format with at most 6 turns.
 Differs and why: the original clips fp16-scaled gradients (its clip is a no-op bug); jaxlm clips the true
-gradient norm. Its BPE tokenizer comes from the `tokenizers` library; jaxlm trains a SentencePiece BPE instead.
+gradient norm. The tokenizer is the original's: a Hugging Face `tokenizers` ByteLevel BPE trained on the corpus's
+turns with the original's settings (on the shipped DailyDialog sample, the same file byte for byte); like the
+original's encode, it ends every document with `</s>`. `--config.data.tokenizer_path=PATH` uses an existing
+hrom_tokenizer.json instead.
 """
 from jaxlm.config_defaults import base_config
 
@@ -28,8 +31,8 @@ def get_config(variant: str = ""):
       norm="layer", norm_eps=1e-5, rope_style="half", rope_theta=1e4, glu="sigmoid",
       attn_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False, causal=True,
       dropout=0.1, attention_dropout=0.1, embed_init_std=1.0, init_std=0.02, max_seq_len=1024)
-  c.data.update(corpus="dailydialog_sample", format="dialogue", tokenizer="sentencepiece",
-                tokenizer_path="train:bpe", vocab_size=32000,
+  c.data.update(corpus="dailydialog_sample", format="dialogue", tokenizer="hrom_bpe",
+                tokenizer_path="", vocab_size=32000,
                 packing="documents", val_fraction=0.1)
   c.opt.update(name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                weight_decay=0.01, weight_decay_on="all", clip_norm=1.0)

@@ -118,10 +118,19 @@ def _export_path(out: str, chosen: fam.Family, model, source) -> str:
 def _files_beside(out: str, chosen: fam.Family, sidecars, record: str, note: Optional[bytes]):
   """{path: bytes, or None to remove an old file} written next to --out: the files the original reads beside its
   checkpoint and, for a single-file format, the differences record (None: a stale one of an earlier export goes)."""
-  beside = {os.path.join(os.path.dirname(out), name): data for name, data in sidecars.items()}
+  beside = {os.path.join(chosen.sidecar_dir(out), name): data for name, data in sidecars.items()
+            if not _holds(os.path.join(chosen.sidecar_dir(out), name), data)}
   if not chosen.writes_directory:
     beside[record] = note
   return beside
+
+
+def _holds(path: str, data: bytes) -> bool:
+  """Whether the file at `path` already has exactly these bytes (a second export beside it needs no --overwrite)."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, "rb") as f:
+    return f.read() == data
 
 
 def _refuse_different_computation(src: str, chosen: fam.Family, differences, record: str, allow: bool) -> None:
@@ -164,6 +173,8 @@ def jax2torch(src: str, out: str, family: Optional[str] = None, which: str = "la
       chosen.write(model, params, source, tokenizer, tmp, options)
       if note and chosen.writes_directory:  # inside the staged folder, which then moves into place
         output.place({os.path.join(tmp, diff.IN_FOLDER): note}, os.path.dirname(tmp))
+      for folder in {os.path.dirname(p) for p, data in beside.items() if data is not None}:
+        os.makedirs(folder, exist_ok=True)  # e.g. HROM's tokenizer/ beside checkpoints/
       output.place(beside, os.path.dirname(tmp))
   if differences:
     print(diff.warning(chosen.title, differences, record), file=sys.stderr)

@@ -85,6 +85,10 @@ class Family(abc.ABC):
     to --out once the checkpoint itself is in place."""
     return {}
 
+  def sidecar_dir(self, out: str) -> str:
+    """The folder the sidecars' names are relative to, for a checkpoint written at `out`."""
+    return os.path.dirname(out)
+
 
 FAMILIES: Dict[str, Family] = {}
 

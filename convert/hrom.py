@@ -1,5 +1,8 @@
 """HROM-V1 (TimurHromek/HROM-V1, HROM_Trainer.py): `checkpoints/hrom_<time>_step<N>.pt`.
 
+Its tokenizer is `tokenizer/hrom_tokenizer.json` in the same working directory (beside `checkpoints/`): torch2jax
+reads it from there (or --tokenizer PATH) into the model directory, jax2torch writes it back there.
+
 The file is torch.save({"model": state_dict, "optimizer": AdamW state_dict, "step": int, "config": CONFIG}).
 Architecture: pre-LayerNorm (eps 1e-5), fused qkv Linear [3D, D] laid out [q | k | v] (head-major inside each),
 rotate-half RoPE whose inv_freq is a saved buffer, FF = Linear(D, 2F) -> a * sigmoid(g) -> Linear(F, D),
@@ -8,12 +11,14 @@ biases everywhere, untied head with bias.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from typing import Any, Dict, Mapping
 
 from convert import family as fam
 from convert import jsonable, layout, torchfile
 from convert.errors import ConversionError
+from jaxlm.data import hrom_tokenizer
 from convert.table import (COPY, LINEAR, Layers, Row, Table, buffer, chunked, decoder_sizes, dense, heads_bias,
                            heads_in, heads_out, norm)
 
@@ -71,6 +76,33 @@ def _sizes(state: Mapping[str, Any], config: Mapping[str, Any], src: str) -> Dic
   return sizes
 
 
+def _tokenizer_path(src: str, options) -> str:
+  """--tokenizer, else the original's tokenizer/hrom_tokenizer.json when src sits in its checkpoints/ folder
+  ('' when there is none)."""
+  given = getattr(options, "tokenizer", None)
+  if given:
+    if not os.path.isfile(given):
+      raise ConversionError(f"--tokenizer {given}: no such file")
+    return given
+  folder = os.path.dirname(os.path.abspath(src))
+  if os.path.basename(folder) != "checkpoints":
+    return ""
+  beside = os.path.join(os.path.dirname(folder), hrom_tokenizer.ORIGINAL_PATH)
+  return beside if os.path.isfile(beside) else ""
+
+
+def _read_tokenizer(path: str, v: int) -> Dict[str, Any]:
+  """tokenizer.json of kind hrom_bpe for the original's file at `path`; refuses one with ids the model lacks."""
+  try:
+    tok = hrom_tokenizer.HromTokenizer.from_file(path)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  if tok.vocab_size > v:
+    raise ConversionError(f"{path}: the tokenizer has {tok.vocab_size} ids but the checkpoint's embedding only {v} "
+                          "rows (embed.weight); it belongs to another model")
+  return {"kind": tok.kind, **tok._config("")}
+
+
 class HROM(fam.Family):
   name = "hrom"
   title = "HROM"
@@ -104,17 +136,39 @@ class HROM(fam.Family):
              "max_seq_len": int(config.get("max_seq_len", DEFAULT_CONFIG["max_seq_len"]))}
     extras = {"step": obj.get("step", 0), "config": config}
     optimizer = torchfile.empty_optimizer_state(obj.get("optimizer"), _n_params(n_layers))
-    notes = ["HROM's own BPE tokenizer (tokenizer/hrom_tokenizer.json) is not part of the checkpoint; "
-             "ids 0-5 are <pad> <s> </s> <unk> <user> <assistant>"]
+    tok_path = _tokenizer_path(src, options)
+    if tok_path:
+      notes = [f"tokenizer read from {os.path.abspath(tok_path)}"]
+      tokenizer = _read_tokenizer(tok_path, v)
+    else:
+      notes = ["HROM's own BPE tokenizer (tokenizer/hrom_tokenizer.json) is not part of the checkpoint and was not "
+               "found beside its checkpoints/ folder (pass --tokenizer PATH); ids 0-5 are <pad> <s> </s> <unk> "
+               "<user> <assistant>"]
+      tokenizer = {"kind": "ids", "vocab_size": v, **SPECIAL_IDS,
+                   "note": "HROM's BPE tokenizer file is not in the checkpoint; token ids pass through"}
     if optimizer is not None:
       extras["optimizer"] = optimizer
       if obj["optimizer"].get("state"):
         notes.append("the optimizer's per-parameter moments were dropped (only its hyper-parameters are kept)")
     source = {"family": self.name, "file": src, "dtypes": layout.source_dtypes(state),
               "extras": jsonable.encode(extras, "checkpoint"), "notes": notes}
-    tokenizer = {"kind": "ids", "vocab_size": v, **SPECIAL_IDS,
-                 "note": "HROM's BPE tokenizer file is not in the checkpoint; token ids pass through"}
     return fam.Imported(model, params, tokenizer, source)
+
+  def add_arguments(self, parser):
+    parser.add_argument("--tokenizer", default=None, metavar="PATH",
+                        help="HROM's hrom_tokenizer.json (default: tokenizer/hrom_tokenizer.json beside the "
+                             "checkpoint's checkpoints/ folder, if there)")
+
+  def sidecars(self, model, source, tokenizer):
+    """tokenizer/hrom_tokenizer.json (the original's text as imported or trained), for a model with HROM's tokenizer."""
+    if tokenizer.get("kind") != hrom_tokenizer.KIND:
+      return {}
+    return {hrom_tokenizer.ORIGINAL_PATH: tokenizer["hf_tokenizer"].encode("utf-8")}
+
+  def sidecar_dir(self, out):
+    """The original's working directory: the parent of checkpoints/ when --out is in one."""
+    folder = os.path.dirname(out)
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
   def check(self, model, params):
     fam.require(model, {**FIXED, "n_kv_heads": model["n_heads"], "head_dim": model["d_model"] // model["n_heads"]},

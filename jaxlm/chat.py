@@ -79,6 +79,12 @@ def _encode(tokenizer, text: str) -> List[int]:
   return list(tokenizer.encode(text))
 
 
+def _marker(tokenizer, marker: str) -> List[int]:
+  """A role marker's ids: its own token where the vocabulary has one (HROM's BPE encode would append </s>)."""
+  token_id = getattr(tokenizer, "token_id", lambda _: None)(marker)
+  return [token_id] if token_id is not None else _encode(tokenizer, marker)
+
+
 class DialogueFormat:
   """HROM's turns, as jaxlm's `dialogue` data format writes them: <s><user> u</s><assistant> a</s>..."""
   name = "dialogue"
@@ -87,7 +93,7 @@ class DialogueFormat:
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
     self.text = _is_text(tokenizer)
-    self.markers = ({m: _encode(tokenizer, m) for m in HROM_MARKER_IDS} if self.text else HROM_MARKER_IDS)
+    self.markers = ({m: _marker(tokenizer, m) for m in HROM_MARKER_IDS} if self.text else HROM_MARKER_IDS)
     end = self.markers["</s>"]
     self.stop_ids = sorted(set(generate.default_stop_ids(tokenizer) + (end if len(end) == 1 else [])))
     self.stop_text = "</s>" if self.text else None  # a marker spelled in several tokens (char vocabularies)

@@ -439,3 +439,8 @@ def make_tokenizer(data_cfg, train_text_fn: Callable[[], str], work_dir: Optiona
   if kind not in _FACTORIES:
     raise ValueError(f"unknown data.tokenizer {kind!r}; known: {sorted(_FACTORIES)}")
   return _FACTORIES[kind](data_cfg, train_text_fn, work_dir)
+
+
+# HROM's Hugging Face BPE lives in its own module; importing it registers kind 'hrom_bpe'.
+from jaxlm.data import hrom_tokenizer as _hrom  # noqa: E402  (needs the definitions above)
+_FACTORIES[_hrom.KIND] = _hrom.from_data_config
