@@ -91,19 +91,23 @@ def load_documents(spec: str, text_field: str = "text", format: str = "text") ->
 
 
 def iter_documents(spec: str, text_field: str = "text", format: str = "text", *, min_chars: int = 0,
-                   loss_on: str = "all") -> Iterator[Document]:
+                   loss_on: str = "all", tfds_data_dir: str = "") -> Iterator[Document]:
   """Streams the documents of every file in `spec` (paths, shipped names, globs, joined by '+'), in order.
 
   `min_chars` drops shorter documents (HRM-Text1 drops C4 texts of <= 100 characters). `loss_on='response'`
   yields (text, loss) parts whose loss is True only on what the model answers (assistant turns, Dolly
-  responses)."""
+  responses). A `tfds:NAME[/CONFIG][:VERSION]` spec reads that catalog dataset's train split from
+  `tfds_data_dir` (see jaxlm.data.catalog)."""
   if format not in _FORMATS:
     raise ValueError(f"unknown data.format {format!r}; known: {sorted(_FORMATS)}")
   if loss_on not in LOSS_ON:
     raise ValueError(f"unknown data.loss_on {loss_on!r}; known: {list(LOSS_ON)}")
-  for path in resolve_files(spec):
+  from jaxlm.data import catalog
+  paths = [spec] if catalog.is_catalog(spec) else resolve_files(spec)
+  for path in paths:
     kept = 0
-    for where, record in _records(path, text_field):
+    records = catalog.records(path, tfds_data_dir) if catalog.is_catalog(path) else _records(path, text_field)
+    for where, record in records:
       if isinstance(record, TextChunks):
         if format != "text":
           raise ValueError(f"{path}: a plain-text file of {os.path.getsize(path):,} bytes is one streamed document; "
