@@ -29,7 +29,6 @@ from jaxlm.data import catalog
 from jaxlm.data import records as records_lib
 from jaxlm.data import sources
 from jaxlm.data import store as store_lib
-from jaxlm.data import tfds_builder
 from jaxlm.data import tokenize_pool
 from jaxlm.data import tokenizers
 
@@ -191,6 +190,7 @@ def prepare(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Token
         bar.close()
 
     import tensorflow_datasets as tfds
+    from jaxlm.data import tfds_builder  # TFDS is imported only to write (workers never need it)
     plan = tfds_builder.BuildPlan(records=records, index_dir=os.path.join(partial, store_lib.INDEX_SUBDIR),
                                   with_loss=with_loss, description=f"jaxlm tokens of {settings['corpus']}",
                                   metadata={"jaxlm_key": key})

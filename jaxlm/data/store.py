@@ -11,9 +11,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from jaxlm.data import tfds_builder
-
 META_FILE = "jaxlm.json"
+# The TFDS dataset jaxlm.data.tfds_builder writes, and its index files (raw int64).
+DATASET_NAME, DATASET_VERSION = "jaxlm_tokens", "1.0.0"
+RECORD_STARTS = "record_starts.i64"
+RECORD_DOCS = "record_docs.i64"
 TFDS_SUBDIR = "tfds"
 INDEX_SUBDIR = "index"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -21,7 +23,7 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def tfds_dir(root: str) -> str:
   """The TFDS dataset directory (what `tfds.builder_from_directory` takes) inside a prepared dataset."""
-  return os.path.join(root, TFDS_SUBDIR, tfds_builder.JaxlmTokens.name, str(tfds_builder.JaxlmTokens.VERSION))
+  return os.path.join(root, TFDS_SUBDIR, DATASET_NAME, DATASET_VERSION)
 
 
 class TokenStore:
@@ -36,8 +38,8 @@ class TokenStore:
     self.source = builder.as_data_source(split="train")
     self.with_loss = "loss" in builder.info.features
     index = os.path.join(root, INDEX_SUBDIR)
-    self.record_starts = np.memmap(os.path.join(index, tfds_builder.RECORD_STARTS), np.int64, mode="r")
-    self.record_docs = np.memmap(os.path.join(index, tfds_builder.RECORD_DOCS), np.int64, mode="r")
+    self.record_starts = np.memmap(os.path.join(index, RECORD_STARTS), np.int64, mode="r")
+    self.record_docs = np.memmap(os.path.join(index, RECORD_DOCS), np.int64, mode="r")
     self.n_records = len(self.record_docs)
     if len(self.source) != self.n_records or len(self.record_starts) != self.n_records + 1:
       raise ValueError(f"prepared dataset {root}: {len(self.source)} records but an index of {self.n_records}; "

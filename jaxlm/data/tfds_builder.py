@@ -20,8 +20,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import splits as splits_lib
 
-RECORD_STARTS = "record_starts.i64"
-RECORD_DOCS = "record_docs.i64"
+from jaxlm.data.store import DATASET_NAME, DATASET_VERSION, RECORD_DOCS, RECORD_STARTS
 
 # (example features, starts a new document)
 Record = Tuple[dict, bool]
@@ -40,8 +39,10 @@ class BuildPlan:
 class JaxlmTokens(tfds.core.GeneratorBasedBuilder):
   """Token records of one corpus under one tokenizer (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {"1.0.0": "token records with a memory-mapped offset index"}
+
+  name = DATASET_NAME
 
   def __init__(self, *, plan: BuildPlan, **kwargs):
     self._plan = plan
