@@ -266,3 +266,33 @@ def test_decoder_attends_within_its_segment_only():
   with_segments = loss(batch)
   without = loss({k: v for k, v in batch.items() if k != "segment_ids"})
   assert not np.isclose(with_segments, without)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_training_on_prepared_documents_resumes_exactly_without_tokenizing(tmp_path, monkeypatch):
+  """jaxlm.train prepares once; the resumed run reads the same dataset (no tokenizer runs) from the next batch."""
+  from jaxlm import trainer
+  from jaxlm.config_defaults import load_config
+  from jaxlm.metrics import read_metrics
+
+  def config():
+    c = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                 "yinggem.py:tiny"))
+    c.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, attention_window=16, max_seq_len=16)
+    c.data.update(corpus="c4_sample", packing="documents", eval_batches=2, cache_dir=str(tmp_path / "cache"))
+    c.opt.update(warmup_steps=2)
+    c.train.update(steps=6, batch_size=8, seq_len=16, eval_every=3, save_every=3, log_every=1, sample_tokens=0,
+                   progress=False)
+    return c
+
+  def losses(workdir):
+    return [r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+  trainer.train_and_evaluate(config(), str(tmp_path / "full"))
+  assert len(os.listdir(tmp_path / "cache")) == 1
+  trainer.train_and_evaluate(config(), str(tmp_path / "split"), stop_after_steps=3)
+  monkeypatch.setattr(tokenize_pool, "tokenize", lambda *a, **k: pytest.fail("tokenized on resume"))
+  trainer.train_and_evaluate(config(), str(tmp_path / "split"))
+  np.testing.assert_allclose(losses(tmp_path / "full"), losses(tmp_path / "split"), rtol=0, atol=1e-6)
