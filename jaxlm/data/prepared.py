@@ -32,7 +32,7 @@ from jaxlm.data import store as store_lib
 from jaxlm.data import tokenize_pool
 from jaxlm.data import tokenizers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokens stored as uint16 when the vocabulary allows
 # Corpora smaller than this are tokenized in the calling process (spawning workers costs more than it saves).
 PARALLEL_MIN_BYTES = 32 << 20
 # Tokenizers that learn a vocabulary (sentencepiece 'train:...') learn it from at most this much text.
@@ -192,7 +192,8 @@ def prepare(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Token
     import tensorflow_datasets as tfds
     from jaxlm.data import tfds_builder  # TFDS is imported only to write (workers never need it)
     plan = tfds_builder.BuildPlan(records=records, index_dir=os.path.join(partial, store_lib.INDEX_SUBDIR),
-                                  with_loss=with_loss, description=f"jaxlm tokens of {settings['corpus']}",
+                                  with_loss=with_loss, token_dtype="uint16" if tok.vocab_size <= 1 << 16 else "int32",
+                                  description=f"jaxlm tokens of {settings['corpus']}",
                                   metadata={"jaxlm_key": key})
     builder = tfds_builder.JaxlmTokens(plan=plan, data_dir=os.path.join(partial, store_lib.TFDS_SUBDIR))
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints the temporary directory's name

@@ -58,7 +58,7 @@ class TokenStore:
       raise IndexError(f"token range [{start}, {stop}) outside the stream of {self.n_tokens} tokens")
     records = self._records_of(start, stop)
     parts = [self.source[r] for r in records]
-    tokens = np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0, np.int32)
+    tokens = (np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0)).astype(np.int32)
     loss = np.concatenate([p["loss"] for p in parts]) if parts and self.with_loss else None
     lengths = [len(p["tokens"]) for p in parts]
     docs = np.repeat(np.asarray(self.record_docs[records.start:records.stop]), lengths)

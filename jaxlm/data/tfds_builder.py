@@ -31,6 +31,7 @@ class BuildPlan:
   records: Callable[[], Iterator[Record]]  # the records, in order
   index_dir: str                           # where RECORD_STARTS / RECORD_DOCS are written
   with_loss: bool = False                  # records carry a per-token 'loss' mask (uint8)
+  token_dtype: str = "int32"               # 'uint16' halves the shards when every id is below 65536
   shard_bytes: int = 256 << 20             # a new shard after this many bytes
   description: str = ""
   metadata: Optional[dict] = None
@@ -49,7 +50,7 @@ class JaxlmTokens(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32,
+    features = {"tokens": tfds.features.Tensor(shape=(None,), dtype=np.dtype(self._plan.token_dtype),
                                                encoding=tfds.features.Encoding.BYTES)}
     if self._plan.with_loss:
       features["loss"] = tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
@@ -80,6 +81,7 @@ class JaxlmTokens(tfds.core.GeneratorBasedBuilder):
         starts_f.write(np.int64(offset).tobytes())
         docs_f.write(np.int64(doc).tobytes())
         offset += len(example["tokens"])
+        example = {**example, "tokens": example["tokens"].astype(self._plan.token_dtype, copy=False)}
         shards.write(serializer.serialize_example(self.info.features.encode_example(example)))
       starts_f.write(np.int64(offset).tobytes())
     if not shards.lengths or not sum(shards.lengths):

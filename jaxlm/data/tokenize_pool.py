@@ -31,7 +31,7 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 def _encode_all(texts: List[str], tokenizer: Optional[tokenizers.Tokenizer] = None) -> List[np.ndarray]:
   tokenizer = tokenizer or _WORKER_TOKENIZER
-  return [np.asarray(tokenizer.encode(text), np.int32) for text in texts]
+  return [tokenizer.encode_array(text) for text in texts]
 
 
 def _pieces(docs: Iterable[sources.Document]) -> Iterator[Tuple[str, bool, bool]]:
