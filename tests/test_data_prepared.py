@@ -296,3 +296,20 @@ def test_training_on_prepared_documents_resumes_exactly_without_tokenizing(tmp_p
   monkeypatch.setattr(tokenize_pool, "tokenize", lambda *a, **k: pytest.fail("tokenized on resume"))
   trainer.train_and_evaluate(config(), str(tmp_path / "split"))
   np.testing.assert_allclose(losses(tmp_path / "full"), losses(tmp_path / "split"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_data_process_0_prepared(tmp_path):
+  """Process 0 prepares into an empty cache and process 1 opens the same dataset (it would fail if it could not
+  see it); each reads its rows of the packed documents. That the losses equal one process's is
+  test_multiprocess.py's test_two_processes_give_the_same_losses_as_one, which also trains on prepared data."""
+  from tests.multiprocess import run_tasks
+  cache = tmp_path / "cache"
+  task = {"name": "two", "workdir": str(tmp_path / "two"), "mesh": {"data": -1}, "model": {"n_layers": 1},
+          "train": {"steps": 3, "eval_every": 0, "save_every": 100},
+          "data": {"corpus": "c4_sample", "packing": "documents", "cache_dir": str(cache)}}
+  two = run_tasks([task], processes=2, devices=2)["two"]
+  assert two["processes"] == 2 and two["step"] == 3 and len(two["losses"]) == 3
+  assert np.isfinite([l for _, l in two["losses"]]).all()
+  assert [name for name in os.listdir(cache) if not name.startswith(".")] == os.listdir(cache)
+  assert len(os.listdir(cache)) == 1
