@@ -49,7 +49,8 @@ def get_config(variant: str = ""):
       max_seq_len=2048, rope_theta=1e4, norm_eps=1e-6, halt_max_steps=8, halt_bias_init=-2.2, halt_eps=1e-6,
       ponder_loss_weight=0.01, ponder_loss="expected", exit_over_padding=False, dropout=0.1,
       attention_dropout=0.1, mlp_dropout=0.1, embed_init_std=1.0, init_std=0.0, remat=True)
-  # C4 texts of <= 100 characters are dropped, as the original's filter does; it appends EOS to each text.
+  # C4 texts of <= 100 characters are dropped, as the original's filter does; it appends EOS to each text. Its optional
+  # language filter: --config.data.language=en (needs langdetect: pip install "jaxlm[lang]").
   c.data.update(corpus="c4_sample", tokenizer="sentencepiece", vocab_size=32100, packing="documents",
                 val_fraction=0.1, min_chars=101)
   steps = STEPS_PER_EPOCH * EPOCHS

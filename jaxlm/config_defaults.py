@@ -38,6 +38,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.data.cache_dir = ""                 # prepared datasets (python -m jaxlm.prepare); '' = ~/.cache/jaxlm/prepared
   c.data.tfds_data_dir = ""             # where tfds:NAME[/CONFIG][:VERSION] corpora are prepared; '' = ~/tensorflow_datasets
   c.data.min_chars = 0                  # drop documents shorter than this (characters)
+  c.data.language = ""                  # keep only documents in this language ('en'; needs langdetect); '' = all
   c.data.loss_on = "all"                # all | response (assistant turns, Dolly responses)
   c.data.fraction = 1.0                 # share of the train split used
 

@@ -313,3 +313,14 @@ def test_two_processes_train_on_data_process_0_prepared(tmp_path):
   assert np.isfinite([l for _, l in two["losses"]]).all()
   assert [name for name in os.listdir(cache) if not name.startswith(".")] == os.listdir(cache)
   assert len(os.listdir(cache)) == 1
+
+
+def test_language_filter_keeps_the_named_language(tmp_path):
+  texts = ["The committee will meet again next week to discuss the budget for the new school library.",
+           "El comité se reunirá de nuevo la próxima semana para hablar del presupuesto de la biblioteca.",
+           "We walked along the river until the sun went down behind the old mill on the hill."]
+  corpus = _write_jsonl_gz(tmp_path / "mixed.jsonl.gz", texts)
+  english = [sources.document_text(d) for d in sources.iter_documents(corpus, language="en")]
+  assert english == [texts[0], texts[2]]
+  spanish = prepared.prepare(_cfg(tmp_path, corpus, language="es"), progress=False)
+  assert store.TokenStore(spanish).n_docs == 1

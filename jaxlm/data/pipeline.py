@@ -39,6 +39,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "cache_dir": "",              # prepared datasets; '' = ~/.cache/jaxlm/prepared (XDG_CACHE_HOME)
       "tfds_data_dir": "",          # where tfds:NAME corpora are prepared; '' = ~/tensorflow_datasets
       "min_chars": 0,               # documents shorter than this are dropped (HRM-Text1's C4: 101)
+      "language": "",               # keep only documents langdetect finds in this language ('en'); '' = all
       "loss_on": "all",             # all | response (assistant turns / Dolly responses only)
       "fraction": 1.0,              # share of the train split used (its first part)
   })

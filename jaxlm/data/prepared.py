@@ -38,7 +38,7 @@ PARALLEL_MIN_BYTES = 32 << 20
 # Tokenizers that learn a vocabulary (sentencepiece 'train:...') learn it from at most this much text.
 TRAIN_SAMPLE_CHARS = 100 << 20
 _FIELDS = ("corpus", "text_field", "format", "tokenizer", "tokenizer_path", "vocab_size", "min_chars", "loss_on",
-           "tfds_data_dir")
+           "tfds_data_dir", "language")
 
 
 def default_cache_dir() -> str:
@@ -58,6 +58,7 @@ def _settings(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
   values["min_chars"] = int(values["min_chars"] or 0)
   values["loss_on"] = values["loss_on"] or "all"
   values["tfds_data_dir"] = values["tfds_data_dir"] or ""
+  values["language"] = values["language"] or ""
   return values
 
 
@@ -103,7 +104,8 @@ def load_tokenizer(root: str) -> tokenizers.Tokenizer:
 def _documents(settings: Mapping[str, Any]) -> Iterator[sources.Document]:
   return sources.iter_documents(str(settings["corpus"]), settings["text_field"] or "text",
                                 settings["format"] or "text", min_chars=settings["min_chars"],
-                                loss_on=settings["loss_on"], tfds_data_dir=settings["tfds_data_dir"])
+                                loss_on=settings["loss_on"], tfds_data_dir=settings["tfds_data_dir"],
+                                language=settings["language"])
 
 
 def _make_tokenizer(settings: Mapping[str, Any], work_dir: str) -> tokenizers.Tokenizer:

@@ -91,18 +91,20 @@ def load_documents(spec: str, text_field: str = "text", format: str = "text") ->
 
 
 def iter_documents(spec: str, text_field: str = "text", format: str = "text", *, min_chars: int = 0,
-                   loss_on: str = "all", tfds_data_dir: str = "") -> Iterator[Document]:
+                   loss_on: str = "all", tfds_data_dir: str = "", language: str = "") -> Iterator[Document]:
   """Streams the documents of every file in `spec` (paths, shipped names, globs, joined by '+'), in order.
 
   `min_chars` drops shorter documents (HRM-Text1 drops C4 texts of <= 100 characters). `loss_on='response'`
   yields (text, loss) parts whose loss is True only on what the model answers (assistant turns, Dolly
   responses). A `tfds:NAME[/CONFIG][:VERSION]` spec reads that catalog dataset's train split from
-  `tfds_data_dir` (see jaxlm.data.catalog)."""
+  `tfds_data_dir` (see jaxlm.data.catalog). `language` (an ISO 639-1 code, e.g. 'en') keeps only documents
+  langdetect says are in it (pip install langdetect)."""
   if format not in _FORMATS:
     raise ValueError(f"unknown data.format {format!r}; known: {sorted(_FORMATS)}")
   if loss_on not in LOSS_ON:
     raise ValueError(f"unknown data.loss_on {loss_on!r}; known: {list(LOSS_ON)}")
   from jaxlm.data import catalog
+  in_language = _language_filter(language)
   paths = [spec] if catalog.is_catalog(spec) else resolve_files(spec)
   for path in paths:
     kept = 0
@@ -117,12 +119,31 @@ def iter_documents(spec: str, text_field: str = "text", format: str = "text", *,
         continue
       parts = _FORMATS[format](record, text_field, f"{path}:{where}")
       text = document_text(parts)
-      if not text.strip() or len(text) < min_chars:
+      if not text.strip() or len(text) < min_chars or not in_language(text):
         continue
       kept += 1
       yield (text if loss_on == "all" or isinstance(parts, str) else parts)
     if not kept:
-      raise ValueError(f"corpus file {path} contains no text" + (f" (with data.min_chars={min_chars})" if min_chars else ""))
+      raise ValueError(f"corpus file {path} contains no text" + (f" (with data.min_chars={min_chars})" if min_chars else "")
+                       + (f" (with data.language={language!r})" if language else ""))
+
+
+def _language_filter(language: str) -> Callable[[str], bool]:
+  """text -> whether langdetect detects `language` in it (always True when `language` is '')."""
+  if not language:
+    return lambda text: True
+  try:
+    import langdetect
+  except ImportError as e:
+    raise ImportError(f"data.language={language!r} needs the langdetect package: pip install langdetect") from e
+  langdetect.DetectorFactory.seed = 0  # its sampling is random otherwise: every run must keep the same documents
+
+  def in_language(text: str) -> bool:
+    try:
+      return langdetect.detect(text[:2000]) == language
+    except langdetect.LangDetectException:  # no letters at all
+      return False
+  return in_language
 
 
 def document_text(doc: Document) -> str:
