@@ -42,6 +42,9 @@ _FIELDS = ("corpus", "text_field", "format", "tokenizer", "tokenizer_path", "voc
 
 
 def default_cache_dir() -> str:
+  """$JAXLM_DATA_CACHE, else ~/.cache/jaxlm/prepared ($XDG_CACHE_HOME/jaxlm/prepared)."""
+  if os.environ.get("JAXLM_DATA_CACHE"):
+    return os.environ["JAXLM_DATA_CACHE"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "jaxlm", "prepared")
 
