@@ -190,6 +190,26 @@ def test_windows_on_prepared_data_match_the_stream_and_resume_exactly(tmp_path):
   np.testing.assert_array_equal(np.concatenate([h["inputs"] for h in halves]), first[0]["inputs"])
 
 
+def test_orbax_checkpoint_of_the_prepared_iterator_resumes_exactly(tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  cfg = _cfg(tmp_path, "c4_sample", packing="documents")
+  root = prepared.ensure(cfg, progress=False)
+  tok = prepared.load_tokenizer(root)
+  make = lambda: pipeline.build_prepared_data(root, cfg, seq_len=16, batch_size=4, seed=5, tokenizer=tok).train_iter
+  it = make()
+  [next(it) for _ in range(3)]
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    restored = mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(make())))["data"]
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_fraction_uses_the_first_part_of_the_train_split(tmp_path):
   cfg = _cfg(tmp_path, "alice", packing="documents", val_fraction=0.2)
   root = prepared.ensure(cfg, progress=False)
