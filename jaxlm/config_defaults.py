@@ -41,6 +41,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.data.language = ""                  # keep only documents in this language ('en'; needs langdetect); '' = all
   c.data.loss_on = "all"                # all | response (assistant turns, Dolly responses)
   c.data.fraction = 1.0                 # share of the train split used
+  c.data.mixture = ""                   # 'CORPUS=WEIGHT,CORPUS=WEIGHT' (replaces corpus); '' = data.corpus alone
 
   c.opt = ml_collections.ConfigDict()
   c.opt.name = "adamw"                  # adamw | adafactor

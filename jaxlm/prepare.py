@@ -29,21 +29,24 @@ def _prepare() -> int:
     logging.warning("config: %s", warning)
   data_cfg = _CONFIG.value.data
   started = time.perf_counter()
-  root = prepared.find(data_cfg)
-  if root and _FORCE.value:
+  found = prepared.find_all(data_cfg)
+  if found and _FORCE.value:
     import shutil
-    shutil.rmtree(root)
-    root = None
-  if root:
-    print(f"already prepared: {root}", flush=True)
+    for root in found:
+      shutil.rmtree(root)
+    found = None
+  if found:
+    print("already prepared: " + " ".join(found), flush=True)
     return errors.EXIT_OK
-  root = prepared.prepare(data_cfg, workers=_WORKERS.value)
-  with open(os.path.join(root, store.META_FILE), encoding="utf-8") as f:
-    meta = json.load(f)
-  seconds = time.perf_counter() - started
-  print(f"prepared {meta['tokens']:,} tokens, {meta['documents']:,} documents ({meta['tokenizer']['kind']} "
-        f"tokenizer, vocab {meta['tokenizer']['vocab_size']}) in {seconds:.1f} s: {root}\n"
-        f"TFDS dataset: {store.tfds_dir(root)}", flush=True)
+  tokenizer = None
+  for settings, _ in prepared.components(data_cfg):  # a mixture's components share the first one's tokenizer
+    root = prepared.find(settings) or prepared.prepare(settings, tokenizer=tokenizer, workers=_WORKERS.value)
+    tokenizer = tokenizer or prepared.load_tokenizer(root)
+    with open(os.path.join(root, store.META_FILE), encoding="utf-8") as f:
+      meta = json.load(f)
+    print(f"prepared {meta['tokens']:,} tokens, {meta['documents']:,} documents of {settings['corpus']} "
+          f"({meta['tokenizer']['kind']} tokenizer, vocab {meta['tokenizer']['vocab_size']}) in "
+          f"{time.perf_counter() - started:.1f} s: {root}\nTFDS dataset: {store.tfds_dir(root)}", flush=True)
   return errors.EXIT_OK
 
 

@@ -142,7 +142,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "format": choice(*sorted(sources._FORMATS)),
           "tokenizer": choice(*sorted(tokenizers._FACTORIES)),
           "packing": choice(*sorted(loader.PACKINGS)),
-          "cache_dir": STRING, "tfds_data_dir": STRING, "language": STRING,
+          "cache_dir": STRING, "tfds_data_dir": STRING, "language": STRING, "mixture": STRING,
           "min_chars": integer(0, note="0 = keep every document"), "loss_on": choice(*sources.LOSS_ON),
           "fraction": number(0, 1, low_open=True),
           "vocab_size": integer(0, note="0 = the tokenizer's"),

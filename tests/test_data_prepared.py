@@ -344,3 +344,24 @@ def test_language_filter_keeps_the_named_language(tmp_path):
   assert english == [texts[0], texts[2]]
   spanish = prepared.prepare(_cfg(tmp_path, corpus, language="es"), progress=False)
   assert store.TokenStore(spanish).n_docs == 1
+
+
+def test_mixture_draws_from_each_corpus_in_proportion_with_one_vocabulary(tmp_path):
+  a = _write_jsonl_gz(tmp_path / "a.jsonl.gz", ["aaaa bbbb " * 30] * 40)
+  b = _write_jsonl_gz(tmp_path / "b.jsonl.gz", ["xxxx yyyy " * 30] * 40)
+  cfg = _cfg(tmp_path, "unused", mixture=f"{a}=3,{b}=1", packing="documents")
+  roots = prepared.ensure_all(cfg, progress=False)
+  assert len(roots) == 2 and prepared.find_all(cfg) == roots
+  tok = prepared.load_tokenizer(roots[0])
+  assert set("abxy") <= set(tok.chars)  # the char vocabulary covers both corpora
+  assert prepared.load_tokenizer(roots[1]).chars == tok.chars
+  build = lambda **k: pipeline.build_prepared_data(roots, cfg, seq_len=16, batch_size=8, seed=0, tokenizer=tok, **k)
+  it = build().train_iter
+  batches = [next(it) for _ in range(20)]
+  from_a = sum((np.isin(b["inputs"], tok.encode("ab")).any(1)).sum() for b in batches)
+  assert from_a == 120  # 3 of every 4 rows
+  resumed = next(build(start_batch=19).train_iter)
+  np.testing.assert_array_equal(resumed["inputs"], batches[19]["inputs"])
+  assert len(list(build().eval_batches())) == len(build().eval_batches()) >= 2
+  with pytest.raises(ValueError, match="data.mixture"):
+    prepared.components({**cfg, "mixture": f"{a}=x"})

@@ -43,8 +43,10 @@ class _Rows:
     ids = np.asarray(ids, np.int64)
     if self.rows is not None:
       ids = ids[self.rows]
-    examples = [self._padded(int(i)) if self.packing == "padded" else self._window(int(i)) for i in ids]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    return _stack([self.example(int(i)) for i in ids])
+
+  def example(self, i: int) -> Batch:
+    return self._padded(i) if self.packing == "padded" else self._window(i)
 
   def _window(self, start: int) -> Batch:
     tokens, loss, docs = self.store.read(start, start + self.seq_len + 1)
@@ -66,6 +68,34 @@ class _Rows:
     weights[:n - 1] = 1.0 if loss is None else loss[1:n]
     return {"inputs": row[:-1], "targets": row[1:], "weights": weights,
             "padding_mask": np.arange(self.seq_len) < min(n, self.seq_len)}
+
+
+def _stack(examples) -> Batch:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _Tag:
+  """id -> (component, id): which dataset of a mixture an example comes from."""
+
+  def __init__(self, component: int):
+    self.component = component
+
+  def __call__(self, i):
+    return self.component, i
+
+
+class _MixedRows:
+  """A global batch of (component, id) pairs -> this process's rows, each read from its component."""
+
+  def __init__(self, readers, rows):
+    self.readers = readers
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
+
+  def __call__(self, tagged) -> Batch:
+    components, ids = (np.asarray(x, np.int64) for x in tagged)
+    if self.rows is not None:
+      components, ids = components[self.rows], ids[self.rows]
+    return _stack([self.readers[c].example(int(i)) for c, i in zip(components, ids)])
 
 
 class Split:
@@ -109,6 +139,22 @@ def train_dataset(root: str, split: Split, *, batch_size: int, seed: int, rows=N
           .repeat()
           .batch(batch_size, drop_remainder=True)
           .map(_Rows(root, split.seq_len, split.packing, rows, pad_id))
+          [int(start_batch):])
+
+
+def mixture_dataset(roots: Sequence[str], splits: Sequence["Split"], weights: Sequence[float], *, batch_size: int,
+                    seed: int, rows=None, start_batch: int = 0, pad_id: int = 0) -> grain.MapDataset:
+  """Batches whose examples come from the components in proportion to `weights` (Grain's deterministic
+  mixing, so a resumed run continues exactly); each component is shuffled and repeated on its own."""
+  parts = []
+  for c, split in enumerate(splits):
+    ids = split.train_ids()
+    parts.append(grain.MapDataset.range(ids.start, ids.stop, ids.step).shuffle(seed=int(seed) + c).repeat()
+                 .map(_Tag(c)))
+  readers = [_Rows(root, split.seq_len, split.packing, None, pad_id) for root, split in zip(roots, splits)]
+  return (grain.MapDataset.mix(parts, [float(w) for w in weights])
+          .batch(batch_size, drop_remainder=True)
+          .map(_MixedRows(readers, rows))
           [int(start_batch):])
 
 

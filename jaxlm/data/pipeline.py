@@ -42,6 +42,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "language": "",               # keep only documents langdetect finds in this language ('en'); '' = all
       "loss_on": "all",             # all | response (assistant turns / Dolly responses only)
       "fraction": 1.0,              # share of the train split used (its first part)
+      "mixture": "",                # 'CORPUS=WEIGHT,CORPUS=WEIGHT': examples drawn from each in proportion; '' = corpus
   })
 
 
@@ -278,30 +279,57 @@ def _fingerprint(tok: tokenizers.Tokenizer):
     return None
 
 
-def build_prepared_data(root: str, data_cfg, *, seq_len: int, batch_size: int, seed: int,
+def build_prepared_data(roots, data_cfg, *, seq_len: int, batch_size: int, seed: int,
                         tokenizer: tokenizers.Tokenizer, eval_batch_size: int = 0,
                         rows: Optional[Sequence[int]] = None, eval_rows: Optional[Sequence[int]] = None,
                         start_batch: int = 0) -> DataBundle:
-  """Training batches and validation batches of the prepared dataset `root` (see jaxlm.data.loader); nothing is
-  tokenized and nothing is read until a batch is asked for."""
+  """Training batches and validation batches of the prepared dataset(s) `roots` (one directory, or one per
+  component of data.mixture, see jaxlm.data.loader); nothing is tokenized and nothing is read until a batch is
+  asked for. Validation goes through every component's validation split in turn."""
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+  roots = [roots] if isinstance(roots, str) else list(roots)
   cfg = _config_values(data_cfg)
-  store = store_lib.TokenStore(root)
   vocab_size = int(cfg["vocab_size"]) or tokenizer.vocab_size
   if vocab_size < tokenizer.vocab_size:
     raise ValueError(f"data.vocab_size={vocab_size} is smaller than the {tokenizer.kind} tokenizer's vocabulary ({tokenizer.vocab_size})")
-  split = loader.Split(store, cfg["packing"], seq_len, float(cfg["val_fraction"]), float(cfg["fraction"]))
-  corpus = str(cfg["corpus"])
-  if not len(split.train_ids()):
-    raise _too_short("train", corpus, split.train_tokens, seq_len, cfg["val_fraction"])
-  if cfg["val_fraction"] > 0 and not len(split.val_ids()):
-    raise _too_short("validation", corpus, split.val_tokens, seq_len, cfg["val_fraction"])
+  parts = prepared.components(cfg)
+  if len(parts) != len(roots):
+    raise ValueError(f"{len(roots)} prepared dataset(s) for the {len(parts)} corpora data.corpus/data.mixture name")
+  splits = []
+  for root, (part, _) in zip(roots, parts):
+    split = loader.Split(store_lib.TokenStore(root), cfg["packing"], seq_len, float(cfg["val_fraction"]),
+                         float(cfg["fraction"]))
+    if not len(split.train_ids()):
+      raise _too_short("train", part["corpus"], split.train_tokens, seq_len, cfg["val_fraction"])
+    if cfg["val_fraction"] > 0 and not len(split.val_ids()):
+      raise _too_short("validation", part["corpus"], split.val_tokens, seq_len, cfg["val_fraction"])
+    splits.append(split)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  dataset = loader.train_dataset(root, split, batch_size=batch_size, seed=seed, rows=rows, start_batch=start_batch,
-                                 pad_id=pad_id)
+  if len(roots) == 1:
+    dataset = loader.train_dataset(roots[0], splits[0], batch_size=batch_size, seed=seed, rows=rows,
+                                   start_batch=start_batch, pad_id=pad_id)
+  else:
+    dataset = loader.mixture_dataset(roots, splits, [w for _, w in parts], batch_size=batch_size, seed=seed,
+                                     rows=rows, start_batch=start_batch, pad_id=pad_id)
   eval_batch_size = eval_batch_size or batch_size
-  evals = loader.EvalBatches(root, split, batch_size=eval_batch_size, max_batches=int(cfg["eval_batches"]),
-                             rows=eval_rows, pad_id=pad_id)
-  return DataBundle(tokenizer=tokenizer, train_iter=train_iterator(dataset), eval_batches=lambda: evals,
-                    train_tokens=split.train_tokens, val_tokens=split.val_tokens, vocab_size=vocab_size)
+  evals = [loader.EvalBatches(root, split, batch_size=eval_batch_size, max_batches=int(cfg["eval_batches"]),
+                              rows=eval_rows, pad_id=pad_id) for root, split in zip(roots, splits)]
+  return DataBundle(tokenizer=tokenizer, train_iter=train_iterator(dataset),
+                    eval_batches=lambda: evals[0] if len(evals) == 1 else _Chained(evals),
+                    train_tokens=sum(s.train_tokens for s in splits), val_tokens=sum(s.val_tokens for s in splits),
+                    vocab_size=vocab_size)
+
+
+class _Chained:
+  """Several re-iterable batch sequences as one."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def __len__(self) -> int:
+    return sum(len(p) for p in self.parts)
+
+  def __iter__(self):
+    for part in self.parts:
+      yield from part

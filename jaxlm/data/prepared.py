@@ -39,6 +39,8 @@ PARALLEL_MIN_BYTES = 32 << 20
 TRAIN_SAMPLE_CHARS = 100 << 20
 _FIELDS = ("corpus", "text_field", "format", "tokenizer", "tokenizer_path", "vocab_size", "min_chars", "loss_on",
            "tfds_data_dir", "language")
+# Tokenizers that learn their vocabulary from the corpus: in a mixture they learn it from every component.
+_LEARNS_VOCAB = lambda s: s["tokenizer"] == "char" or str(s["tokenizer_path"] or "").startswith("train:")
 
 
 def default_cache_dir() -> str:
@@ -62,7 +64,32 @@ def _settings(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
   values["loss_on"] = values["loss_on"] or "all"
   values["tfds_data_dir"] = values["tfds_data_dir"] or ""
   values["language"] = values["language"] or ""
+  if data_cfg.get("vocab_from"):
+    values["vocab_from"] = list(data_cfg["vocab_from"])
   return values
+
+
+def components(data_cfg: Mapping[str, Any]) -> List[tuple]:
+  """[(data settings of one corpus, weight)]: data.corpus alone (weight 1), or each 'SPEC=WEIGHT' of
+  data.mixture ('c4_sample=3,alice=1'), all with the data section's other settings and one vocabulary."""
+  values = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+  mixture = str(values.get("mixture") or "").strip()
+  if not mixture:
+    return [(values, 1.0)]
+  parts = []
+  for item in mixture.split(","):
+    spec, sep, weight = item.strip().rpartition("=")
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = -1.0
+    if not sep or not spec or weight <= 0:
+      raise ValueError(f"data.mixture={mixture!r}: expected 'CORPUS=WEIGHT,CORPUS=WEIGHT' with weights > 0, "
+                       f"got {item.strip()!r}")
+    parts.append((spec, weight))
+  specs = [spec for spec, _ in parts]
+  return [({**values, "corpus": spec, "mixture": "", "vocab_from": specs if _LEARNS_VOCAB(_settings(values)) else []},
+           weight) for spec, weight in parts]
 
 
 def _source_identity(settings: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -82,6 +109,8 @@ def dataset_key(data_cfg: Mapping[str, Any]) -> str:
   identity = {"format_version": FORMAT_VERSION, "record_tokens": records_lib.DEFAULT_RECORD_TOKENS,
               "sources": _source_identity(settings),
               **{k: settings[k] for k in _FIELDS if k not in ("corpus", "tfds_data_dir")}}
+  if settings.get("vocab_from"):  # a mixture's shared vocabulary depends on every component
+    identity["vocab_from"] = [_source_identity({**settings, "corpus": spec}) for spec in settings["vocab_from"]]
   digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
   slug = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(str(settings["corpus"]).rstrip("/")))[:40].strip("_.")
   return f"{slug or 'corpus'}-{settings['tokenizer']}-{digest}"
@@ -99,6 +128,22 @@ def ensure(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Tokeni
   return find(data_cfg) or prepare(data_cfg, tokenizer=tokenizer, progress=progress, workers=workers)
 
 
+def find_all(data_cfg: Mapping[str, Any]) -> Optional[List[str]]:
+  """The prepared dataset of every component (see `components`), or None if one is missing."""
+  roots = [find(settings) for settings, _ in components(data_cfg)]
+  return None if None in roots else roots
+
+
+def ensure_all(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Tokenizer] = None,
+               progress: bool = True) -> List[str]:
+  """`ensure` for every component; all are tokenized with the first one's tokenizer."""
+  roots = []
+  for settings, _ in components(data_cfg):
+    roots.append(ensure(settings, tokenizer=tokenizer, progress=progress))
+    tokenizer = tokenizer or load_tokenizer(roots[0])
+  return roots
+
+
 def load_tokenizer(root: str) -> tokenizers.Tokenizer:
   return tokenizers.load_tokenizer(os.path.join(root, store_lib.TOKENIZER_SUBDIR))
 
@@ -114,16 +159,18 @@ def _documents(settings: Mapping[str, Any]) -> Iterator[sources.Document]:
 def _make_tokenizer(settings: Mapping[str, Any], work_dir: str) -> tokenizers.Tokenizer:
   """The tokenizer the config names; one that learns from the corpus reads it streaming (char: every
   character; sentencepiece 'train:...': the first TRAIN_SAMPLE_CHARS characters)."""
+  every = [{**settings, "corpus": spec} for spec in settings.get("vocab_from") or [settings["corpus"]]]
+  all_documents = lambda: (doc for each in every for doc in _documents(each))
   if settings["tokenizer"] == "char":
     chars = set(sources.DOC_SEPARATOR)
-    for doc in _documents(settings):
+    for doc in all_documents():
       for text, _ in sources.document_parts(doc):
         chars.update(text)
     return tokenizers.CharTokenizer(sorted(chars))
 
   def sample() -> str:
     texts, size = [], 0
-    for doc in _documents(settings):
+    for doc in all_documents():
       texts.append(sources.document_text(doc))
       size += len(texts[-1])
       if size >= TRAIN_SAMPLE_CHARS:
