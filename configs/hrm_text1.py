@@ -3,6 +3,9 @@ hrm_training_small_100m.py).
 
   python -m jaxlm.train --config configs/hrm_text1.py:tiny --workdir runs/hrm_text1-tiny
   python -m jaxlm.train --config configs/hrm_text1.py --workdir runs/hrm_text1 --config.data.corpus=c4.jsonl
+  python -m jaxlm.prepare --config configs/hrm_text1.py --config.data.corpus='c4/en/c4-train.*-of-01024.json.gz'
+  python -m jaxlm.train --config configs/hrm_text1.py --config.data.corpus=tfds:c4/en:3.1.0 \
+      --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets --workdir runs/hrm_text1-c4
 
 Variants: '' (the training script's model and optimizer: 117,129,740 parameters with the T5 vocabulary of
 32,100 ids, trained the jaxlm way), 'original' (also the original's compatibility flags and weight decay on every
@@ -46,8 +49,10 @@ def get_config(variant: str = ""):
       max_seq_len=2048, rope_theta=1e4, norm_eps=1e-6, halt_max_steps=8, halt_bias_init=-2.2, halt_eps=1e-6,
       ponder_loss_weight=0.01, ponder_loss="expected", exit_over_padding=False, dropout=0.1,
       attention_dropout=0.1, mlp_dropout=0.1, embed_init_std=1.0, init_std=0.0, remat=True)
+  # C4 texts of <= 100 characters are dropped, as the original's filter does; it appends EOS to each text. Its optional
+  # language filter: --config.data.language=en (needs langdetect: pip install "jaxlm[lang]").
   c.data.update(corpus="c4_sample", tokenizer="sentencepiece", vocab_size=32100, packing="documents",
-                val_fraction=0.1)
+                val_fraction=0.1, min_chars=101)
   steps = STEPS_PER_EPOCH * EPOCHS
   c.opt.update(name="adamw", lr=2e-3, schedule="linear", warmup_steps=int(0.1 * steps), min_lr_ratio=0.0,
                b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_on="matrices", clip_norm=1.0,

@@ -31,9 +31,10 @@ def get_config(variant: str = ""):
       norm="layer", norm_eps=1e-5, rope_style="half", rope_theta=1e4, glu="sigmoid",
       attn_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False, causal=True,
       dropout=0.1, attention_dropout=0.1, embed_init_std=1.0, init_std=0.02, max_seq_len=1024)
-  c.data.update(corpus="dailydialog_sample", format="dialogue", tokenizer="hrom_bpe",
-                tokenizer_path="", vocab_size=32000,
-                packing="documents", val_fraction=0.1)
+  c.data.update(corpus="dailydialog_sample", format="dialogue", tokenizer="hrom_bpe", tokenizer_path="",
+                vocab_size=32000, packing="padded", val_fraction=0.1)  # one dialogue (<= 6 turns) a row, as HROM
+  # All of DailyDialog: --config.data.corpus=ijcnlp_dailydialog/dialogues_text.txt; loss on the assistant turns
+  # only (the original trains every token): --config.data.loss_on=response
   c.opt.update(name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999,
                weight_decay=0.01, weight_decay_on="all", clip_norm=1.0)
   c.train.update(steps=17400, batch_size=32, seq_len=1024, eval_every=1000, save_every=1000,

@@ -17,6 +17,17 @@ biases on every Linear, untied head with bias, window 1024, Adafactor with relat
 from jaxlm.config_defaults import base_config
 
 
+def _shakespeare() -> str:
+  """TFDS's tiny_shakespeare when it is prepared in ~/tensorflow_datasets (its train split), else the shipped file
+  (the same text, all of it)."""
+  from jaxlm.data import catalog
+  try:
+    catalog.dataset_dir("tfds:tiny_shakespeare", "")
+    return "tfds:tiny_shakespeare"
+  except FileNotFoundError:
+    return "tinyshakespeare"
+
+
 def get_config(variant: str = ""):
   c = base_config()
   # bfloat16 compute on GPU/TPU (float32 parameters, softmax, norms and loss), float32 on CPU.
@@ -30,7 +41,7 @@ def get_config(variant: str = ""):
       attn_bias=True, mlp_bias=True, head_bias=True, tie_embeddings=False,
       causal=True, attention_window=1024, attention_dropout=0.2,
       embed_init_std=0.02, init_std=0.02 / (2 * 12) ** 0.5, max_seq_len=1024)
-  c.data.update(corpus="tinyshakespeare", tokenizer="gpt2", val_fraction=0.2)
+  c.data.update(corpus=_shakespeare(), tokenizer="gpt2", val_fraction=0.2)
   c.opt.update(name="adafactor", schedule="rsqrt_relative", lr=1.0, warmup_steps=0, weight_decay=0.0,
                clip_norm=1.0)
   c.train.update(steps=20000, batch_size=8, seq_len=1024, eval_every=500, save_every=500, patience=3)

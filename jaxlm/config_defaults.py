@@ -26,15 +26,22 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.model = model_section(arch)
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = "tinyshakespeare"     # shipped corpus name or a path (.txt / .jsonl)
+  c.data.corpus = "tinyshakespeare"     # shipped name, path or glob (.txt/.jsonl/.json.gz), a+b, or tfds:NAME
   c.data.text_field = "text"            # JSONL field holding the text
   c.data.format = "text"                # how records become text: text | dolly | dialogue
   c.data.tokenizer = "char"             # char | sentencepiece | gpt2 | ids
   c.data.tokenizer_path = ""            # .model file (sentencepiece) when not the shipped default
   c.data.vocab_size = 0                 # 0: the tokenizer's own size
   c.data.val_fraction = 0.1
-  c.data.packing = "windows"            # windows (every offset) | documents (concatenate and chunk)
+  c.data.packing = "windows"            # windows (every offset) | documents (segment ids) | padded (a document a row)
   c.data.eval_batches = 0               # 0: the whole validation split
+  c.data.cache_dir = ""                 # prepared datasets (python -m jaxlm.prepare); '' = ~/.cache/jaxlm/prepared
+  c.data.tfds_data_dir = ""             # where tfds:NAME[/CONFIG][:VERSION] corpora are prepared; '' = ~/tensorflow_datasets
+  c.data.min_chars = 0                  # drop documents shorter than this (characters)
+  c.data.language = ""                  # keep only documents in this language ('en'; needs langdetect); '' = all
+  c.data.loss_on = "all"                # all | response (assistant turns, Dolly responses)
+  c.data.fraction = 1.0                 # share of the train split used
+  c.data.mixture = ""                   # 'CORPUS=WEIGHT,CORPUS=WEIGHT' (replaces corpus); '' = data.corpus alone
 
   c.opt = ml_collections.ConfigDict()
   c.opt.name = "adamw"                  # adamw | adafactor

@@ -154,6 +154,7 @@ class Trainer:
     self._take_workdir()
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
+    self.prepared_roots = self._prepared_dataset(data_lib)
     tokenizer = self._shared_tokenizer(data_lib)
     self.vocab_growth = None
     if self.parent is not None and tokenizer.vocab_size > int(self.parent.model_dict["vocab_size"]):
@@ -176,8 +177,8 @@ class Trainer:
     self.state, saved_meta = self._restore_or_init(boxed)
     # One global batch per step; older checkpoints (Grain iterator state) have no data_position.
     self.data_position = int(saved_meta.get("data_position", self.start_step)) if saved_meta else 0
-    self.data = data_lib.build_data(
-        config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
+    self.data = data_lib.build_prepared_data(
+        self.prepared_roots, config.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, tokenizer=tokenizer,
         eval_batch_size=self.eval_batch_size, rows=sharding.process_rows(self.batch_sh, tc.batch_size),
         eval_rows=sharding.process_rows(self.batch_sh, self.eval_batch_size), start_batch=self.data_position)
     self.history = self._start_history(tokenizer)
@@ -348,6 +349,28 @@ class Trainer:
     params = self.module.init({"params": rng}, dummy)["params"]
     return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
 
+  def _prepared_dataset(self, data_lib) -> list:
+    """The prepared dataset(s) the config reads (jaxlm.data.prepared): the primary finds it or prepares it (with the
+    run's tokenizer when resuming); the others find what it made, so no process tokenizes on a resume."""
+    problem = None
+    if self.primary:
+      try:
+        tokenizer_dir = fs.join(self.workdir, "tokenizer")
+        saved = (data_lib.load_tokenizer(fs.local_dir(tokenizer_dir))
+                 if fs.exists(fs.join(tokenizer_dir, "tokenizer.json")) else None)
+        data_lib.prepared.ensure_all(self.config.data, tokenizer=saved, progress=self.tc.progress)
+      except Exception as e:  # noqa: BLE001: re-raised below, after telling the other processes
+        problem = e
+    if distributed.any_process(problem is not None):
+      raise problem if problem is not None else RuntimeError("process 0 could not prepare the data (see its log)")
+    roots = data_lib.prepared.find_all(self.config.data)
+    if roots is None:
+      raise FileNotFoundError(
+          f"process {jax.process_index()} cannot see the dataset process 0 prepared under "
+          f"{data_lib.prepared.cache_dir(self.config.data)}: data.cache_dir must be storage every process shares "
+          "(NFS), or run python -m jaxlm.prepare with the same config on every host first")
+    return roots
+
   def _shared_tokenizer(self, data_lib):
     """The run's tokenizer: the primary loads the saved one or builds and saves it; the others load what it
     saved, so every process has the same vocabulary even when building one is not deterministic."""
@@ -360,10 +383,10 @@ class Trainer:
       saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     if self.primary:
       if not fs.is_remote(tokenizer_dir):
-        tokenizer = data_lib.resolve_tokenizer(self.config.data, tokenizer_dir)
+        tokenizer = data_lib.run_tokenizer(self.prepared_roots[0], tokenizer_dir)
       else:  # tokenizers read and write local files: work on a local copy, upload a new one
         local = fs.local_dir(tokenizer_dir) if saved else tempfile.mkdtemp(prefix="jaxlm-tokenizer-")
-        tokenizer = data_lib.resolve_tokenizer(self.config.data, local)
+        tokenizer = data_lib.run_tokenizer(self.prepared_roots[0], local)
         if not saved:
           fs.copy_tree(local, tokenizer_dir)
     distributed.sync("jaxlm:tokenizer")

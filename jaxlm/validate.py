@@ -134,14 +134,18 @@ def _show(value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def section_rules() -> Dict[str, Dict[str, Rule]]:
   """Rules of the data, opt, train and mesh sections (the model's come from its config class)."""
-  from jaxlm.data import pipeline, sources, tokenizers  # the enumerations live with what they name
+  from jaxlm.data import loader, sources, tokenizers  # the enumerations live with what they name
   mesh_axis = integer(1, special=((-1, "every remaining device"),))
   return {
       "data": {
           "corpus": STRING, "text_field": STRING, "tokenizer_path": STRING,
           "format": choice(*sorted(sources._FORMATS)),
-          "tokenizer": choice(*sorted(tokenizers._KINDS)),  # kinds a saved tokenizer.json may be (vocab: HRM's)
-          "packing": choice(*sorted(pipeline._STRIDES)),
+          # what a config may train, and the kinds a saved tokenizer.json may be (vocab: HRM's, for init_from)
+          "tokenizer": choice(*sorted(set(tokenizers._FACTORIES) | set(tokenizers._KINDS))),
+          "packing": choice(*sorted(loader.PACKINGS)),
+          "cache_dir": STRING, "tfds_data_dir": STRING, "language": STRING, "mixture": STRING,
+          "min_chars": integer(0, note="0 = keep every document"), "loss_on": choice(*sources.LOSS_ON),
+          "fraction": number(0, 1, low_open=True),
           "vocab_size": integer(0, note="0 = the tokenizer's"),
           "val_fraction": number(0, 1, high_open=True),
           "eval_batches": integer(0, note="0 = all"),

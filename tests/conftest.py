@@ -13,6 +13,10 @@ import jax
 import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="jaxlm-test-session-cache-")
+# Datasets training prepares (data.cache_dir unset) go to a session directory, not the user's cache; subprocess
+# tests inherit it.
+_DATA_CACHE = tempfile.mkdtemp(prefix="jaxlm-test-prepared-")
+os.environ["JAXLM_DATA_CACHE"] = _DATA_CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -20,6 +24,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(_CACHE, ignore_errors=True)
+  shutil.rmtree(_DATA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_every_shipped_config_and_variant_passes(path, variant):
     (dict(opt__name="sgd"), "opt.name='sgd': must be one of 'adamw', 'adafactor'"),
     (dict(opt__schedule="step"), "opt.schedule='step': must be one of 'cosine', 'linear', 'constant'"),
     (dict(opt__weight_decay_on="some"), "opt.weight_decay_on='some': must be one of 'matrices', 'all'"),
-    (dict(data__packing="random"), "data.packing='random': must be one of 'documents', 'windows'"),
+    (dict(data__packing="random"), "data.packing='random': must be one of 'documents', 'padded', 'windows'"),
     (dict(data__format="csv"), "data.format='csv': must be one of"),
     (dict(data__tokenizer="bpe"), "data.tokenizer='bpe': must be one of"),
     (dict(data__eval_batches=-1), "data.eval_batches=-1: must be an integer >= 0 (0 = all)"),

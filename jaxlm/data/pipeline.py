@@ -16,7 +16,10 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxlm.data import loader
+from jaxlm.data import prepared
 from jaxlm.data import sources
+from jaxlm.data import store as store_lib
 from jaxlm.data import tokenizers
 
 Batch = Dict[str, np.ndarray]
@@ -31,8 +34,15 @@ def default_data_config() -> ml_collections.ConfigDict:
       "tokenizer_path": "",         # sentencepiece .model or 'train:bpe'|'train:unigram'; gpt2 assets dir; '' = shipped
       "vocab_size": 0,              # model vocabulary; 0 = the tokenizer's
       "val_fraction": 0.1,          # last fraction of the token stream is validation
-      "packing": "windows",         # windows (every offset) | documents (eos-joined, stride seq_len)
+      "packing": "windows",         # windows (every offset) | documents (segments, stride seq_len) | padded (one doc a row)
       "eval_batches": 0,            # cap on validation batches; 0 = all
+      "cache_dir": "",              # prepared datasets; '' = ~/.cache/jaxlm/prepared (XDG_CACHE_HOME)
+      "tfds_data_dir": "",          # where tfds:NAME corpora are prepared; '' = ~/tensorflow_datasets
+      "min_chars": 0,               # documents shorter than this are dropped (HRM-Text1's C4: 101)
+      "language": "",               # keep only documents langdetect finds in this language ('en'); '' = all
+      "loss_on": "all",             # all | response (assistant turns / Dolly responses only)
+      "fraction": 1.0,              # share of the train split used (its first part)
+      "mixture": "",                # 'CORPUS=WEIGHT,CORPUS=WEIGHT': examples drawn from each in proportion; '' = corpus
   })
 
 
@@ -154,8 +164,8 @@ def _config_values(data_cfg) -> Dict[str, Any]:
   if unknown:
     raise ValueError(f"unknown data config field(s) {unknown}; known fields: {sorted(values)}")
   values.update(given)
-  if values["packing"] not in _STRIDES:
-    raise ValueError(f"unknown data.packing {values['packing']!r}; known: {sorted(_STRIDES)}")
+  if values["packing"] not in loader.PACKINGS:
+    raise ValueError(f"unknown data.packing {values['packing']!r}; known: {list(loader.PACKINGS)}")
   return values
 
 
@@ -204,6 +214,8 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
   cfg = _config_values(data_cfg)
+  if cfg["packing"] not in _STRIDES:
+    raise ValueError(f"data.packing={cfg['packing']!r} reads prepared data: use build_prepared_data")
   corpus = str(cfg["corpus"])
   docs = sources.load_documents(corpus, cfg["text_field"], cfg["format"])
   text = sources.DOC_SEPARATOR.join(docs)
@@ -240,3 +252,84 @@ def build_data(data_cfg, *, seq_len: int, batch_size: int, seed: int, tokenizer_
       val_tokens=len(val),
       vocab_size=vocab_size,
   )
+
+
+# ---------------------------------------------------------------- prepared data (what training reads)
+
+def run_tokenizer(root: str, tokenizer_dir: str) -> tokenizers.Tokenizer:
+  """The run's tokenizer: the one saved in local `tokenizer_dir` (a resumed run), which must be the one the
+  prepared dataset `root` was made with; else the dataset's, saved there."""
+  made_with = prepared.load_tokenizer(root)
+  if not os.path.isfile(os.path.join(tokenizer_dir, tokenizers.TOKENIZER_FILE)):
+    made_with.save(tokenizer_dir)
+    return made_with
+  saved = tokenizers.load_tokenizer(tokenizer_dir)
+  if (saved.kind, saved.vocab_size) != (made_with.kind, made_with.vocab_size) or _fingerprint(saved) != _fingerprint(made_with):
+    raise ValueError(f"the run's tokenizer ({tokenizer_dir}: {saved!r}) is not the one the prepared dataset {root} "
+                     f"was made with ({made_with!r}); delete that dataset so training prepares it again with the "
+                     "run's tokenizer, or use a new workdir")
+  return saved
+
+
+def _fingerprint(tok: tokenizers.Tokenizer):
+  probe = "The quick brown fox, 123 <s><user> über \n\n"
+  try:
+    return tok.encode(probe)
+  except Exception:  # noqa: BLE001: e.g. the ids tokenizer reads only numbers
+    return None
+
+
+def build_prepared_data(roots, data_cfg, *, seq_len: int, batch_size: int, seed: int,
+                        tokenizer: tokenizers.Tokenizer, eval_batch_size: int = 0,
+                        rows: Optional[Sequence[int]] = None, eval_rows: Optional[Sequence[int]] = None,
+                        start_batch: int = 0) -> DataBundle:
+  """Training batches and validation batches of the prepared dataset(s) `roots` (one directory, or one per
+  component of data.mixture, see jaxlm.data.loader); nothing is tokenized and nothing is read until a batch is
+  asked for. Validation goes through every component's validation split in turn."""
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+  roots = [roots] if isinstance(roots, str) else list(roots)
+  cfg = _config_values(data_cfg)
+  vocab_size = int(cfg["vocab_size"]) or tokenizer.vocab_size
+  if vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"data.vocab_size={vocab_size} is smaller than the {tokenizer.kind} tokenizer's vocabulary ({tokenizer.vocab_size})")
+  parts = prepared.components(cfg)
+  if len(parts) != len(roots):
+    raise ValueError(f"{len(roots)} prepared dataset(s) for the {len(parts)} corpora data.corpus/data.mixture name")
+  splits = []
+  for root, (part, _) in zip(roots, parts):
+    split = loader.Split(store_lib.TokenStore(root), cfg["packing"], seq_len, float(cfg["val_fraction"]),
+                         float(cfg["fraction"]))
+    if not len(split.train_ids()):
+      raise _too_short("train", part["corpus"], split.train_tokens, seq_len, cfg["val_fraction"])
+    if cfg["val_fraction"] > 0 and not len(split.val_ids()):
+      raise _too_short("validation", part["corpus"], split.val_tokens, seq_len, cfg["val_fraction"])
+    splits.append(split)
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  if len(roots) == 1:
+    dataset = loader.train_dataset(roots[0], splits[0], batch_size=batch_size, seed=seed, rows=rows,
+                                   start_batch=start_batch, pad_id=pad_id)
+  else:
+    dataset = loader.mixture_dataset(roots, splits, [w for _, w in parts], batch_size=batch_size, seed=seed,
+                                     rows=rows, start_batch=start_batch, pad_id=pad_id)
+  eval_batch_size = eval_batch_size or batch_size
+  evals = [loader.EvalBatches(root, split, batch_size=eval_batch_size, max_batches=int(cfg["eval_batches"]),
+                              rows=eval_rows, pad_id=pad_id) for root, split in zip(roots, splits)]
+  return DataBundle(tokenizer=tokenizer, train_iter=train_iterator(dataset),
+                    eval_batches=lambda: evals[0] if len(evals) == 1 else _Chained(evals),
+                    train_tokens=sum(s.train_tokens for s in splits), val_tokens=sum(s.val_tokens for s in splits),
+                    vocab_size=vocab_size)
+
+
+class _Chained:
+  """Several re-iterable batch sequences as one."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def __len__(self) -> int:
+    return sum(len(p) for p in self.parts)
+
+  def __iter__(self):
+    for part in self.parts:
+      yield from part

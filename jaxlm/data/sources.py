@@ -6,16 +6,21 @@ one document:
   `.txt`    one record holding the whole file (Project Gutenberg header/footer stripped, BOM and CRLF
             normalised); a DailyDialog file (every line ends in `__eou__`) is one record per line whose
             `text_field` is the list of utterances.
+`.jsonl.gz` / `.json.gz` (C4's shard format) are read as JSONL. Files are streamed: memory does not grow with
+their size (a plain-text file over STREAM_TXT_BYTES becomes one document read in chunks, without the Gutenberg
+stripping). Globs name several files ('c4-train.*-of-01024.json.gz').
 Formats (`data.format`): `text` (the text field; utterance lists one per line), `dolly`
 (instruction/context/response as Optimus Prime formats them) and `dialogue` (HROM's
 `<s><user> ...</s><assistant> ...</s>` turns).
 """
 from __future__ import annotations
 
+import glob
+import gzip
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple, Union
 
 CORPORA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora")
 SHIPPED = {
@@ -33,6 +38,16 @@ DIALOGUE_MAX_TURNS = 6
 DIALOGUE_MARKERS = ("<s>", "<user>", "<assistant>", "</s>")
 
 Record = Dict[str, Any]
+# A document is a string; a list of (text, loss) parts when the loss covers only some of it (data.loss_on); or
+# a `TextChunks` when it is a text file too big to hold.
+Part = Tuple[str, bool]
+Document = Union[str, List[Part], "TextChunks"]
+# Plain-text files above this size are streamed in chunks instead of read whole.
+STREAM_TXT_BYTES = 64 << 20
+_CHUNK_CHARS = 1 << 20
+# A DailyDialog file is recognised from its first lines (a big file is never read whole to decide).
+_SNIFF_LINES = 50
+LOSS_ON = ("all", "response")
 
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", re.MULTILINE | re.IGNORECASE)
@@ -43,12 +58,24 @@ _EOU = "__eou__"
 
 # ---------------------------------------------------------------- corpus specs
 
-def resolve(spec: str) -> List[str]:
-  """File paths for a corpus spec: a path, a shipped name, or parts joined by '+' ('alice+looking_glass')."""
+def resolve_files(spec: str) -> List[str]:
+  """File paths for a corpus spec: a path, a shipped name, a glob (expanded sorted, so every process sees the
+  same order), or parts joined by '+' ('alice+looking_glass')."""
   spec = os.fspath(spec)
-  if os.path.exists(spec) or "+" not in spec:
-    return [_resolve_one(spec)]
-  return [_resolve_one(part) for part in spec.split("+")]
+  parts = [spec] if os.path.exists(spec) or "+" not in spec else spec.split("+")
+  files = []
+  for part in parts:
+    if glob.has_magic(part) and part not in SHIPPED:
+      matches = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+      if not matches:
+        raise FileNotFoundError(f"corpus glob {part!r} matches no file")
+      files.extend(matches)
+    else:
+      files.append(_resolve_one(part))
+  return files
+
+
+resolve = resolve_files
 
 
 def _resolve_one(spec: str) -> str:
@@ -59,19 +86,106 @@ def _resolve_one(spec: str) -> str:
 
 
 def load_documents(spec: str, text_field: str = "text", format: str = "text") -> List[str]:
-  """Documents of every file in `spec`, in order."""
+  """Documents of every file in `spec`, in order, as strings (a small corpus held in memory)."""
+  return [document_text(doc) for doc in iter_documents(spec, text_field, format)]
+
+
+def iter_documents(spec: str, text_field: str = "text", format: str = "text", *, min_chars: int = 0,
+                   loss_on: str = "all", tfds_data_dir: str = "", language: str = "") -> Iterator[Document]:
+  """Streams the documents of every file in `spec` (paths, shipped names, globs, joined by '+'), in order.
+
+  `min_chars` drops shorter documents (HRM-Text1 drops C4 texts of <= 100 characters). `loss_on='response'`
+  yields (text, loss) parts whose loss is True only on what the model answers (assistant turns, Dolly
+  responses). A `tfds:NAME[/CONFIG][:VERSION]` spec reads that catalog dataset's train split from
+  `tfds_data_dir` (see jaxlm.data.catalog). `language` (an ISO 639-1 code, e.g. 'en') keeps only documents
+  langdetect says are in it (pip install langdetect)."""
   if format not in _FORMATS:
     raise ValueError(f"unknown data.format {format!r}; known: {sorted(_FORMATS)}")
-  docs = []
-  for path in resolve(spec):
-    reader = _read_jsonl if path.endswith(".jsonl") else _read_txt
-    records = reader(path, text_field)
-    file_docs = [_FORMATS[format](rec, text_field, f"{path}:{line}") for line, rec in records]
-    file_docs = [d for d in file_docs if d.strip()]
-    if not file_docs:
-      raise ValueError(f"corpus file {path} contains no text")
-    docs.extend(file_docs)
-  return docs
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"unknown data.loss_on {loss_on!r}; known: {list(LOSS_ON)}")
+  from jaxlm.data import catalog
+  in_language = _language_filter(language)
+  paths = [spec] if catalog.is_catalog(spec) else resolve_files(spec)
+  for path in paths:
+    kept = 0
+    records = catalog.records(path, tfds_data_dir) if catalog.is_catalog(path) else _records(path, text_field)
+    for where, record in records:
+      if isinstance(record, TextChunks):
+        if format != "text":
+          raise ValueError(f"{path}: a plain-text file of {os.path.getsize(path):,} bytes is one streamed document; "
+                           f"data.format={format!r} needs records (JSONL or DailyDialog lines)")
+        kept += 1
+        yield record
+        continue
+      parts = _FORMATS[format](record, text_field, f"{path}:{where}")
+      text = document_text(parts)
+      if not text.strip() or len(text) < min_chars or not in_language(text):
+        continue
+      kept += 1
+      yield (text if loss_on == "all" or isinstance(parts, str) else parts)
+    if not kept:
+      raise ValueError(f"corpus file {path} contains no text" + (f" (with data.min_chars={min_chars})" if min_chars else "")
+                       + (f" (with data.language={language!r})" if language else ""))
+
+
+def _language_filter(language: str) -> Callable[[str], bool]:
+  """text -> whether langdetect detects `language` in it (always True when `language` is '')."""
+  if not language:
+    return lambda text: True
+  try:
+    import langdetect
+  except ImportError as e:
+    raise ImportError(f"data.language={language!r} needs the langdetect package: pip install langdetect") from e
+  langdetect.DetectorFactory.seed = 0  # its sampling is random otherwise: every run must keep the same documents
+
+  def in_language(text: str) -> bool:
+    try:
+      return langdetect.detect(text[:2000]) == language
+    except langdetect.LangDetectException:  # no letters at all
+      return False
+  return in_language
+
+
+def document_text(doc: Document) -> str:
+  if isinstance(doc, str):
+    return doc
+  if isinstance(doc, TextChunks):
+    return "".join(doc)
+  return "".join(text for text, _ in doc)
+
+
+def document_parts(doc: Document) -> Iterator[Part]:
+  """(text, loss) pieces of a document, streamed (a TextChunks document in chunks, all with loss)."""
+  if isinstance(doc, str):
+    yield doc, True
+  elif isinstance(doc, TextChunks):
+    yield from ((chunk, True) for chunk in doc)
+  else:
+    yield from doc
+
+
+class TextChunks:
+  """A big plain-text file as one document, read in ~1M-character chunks cut after a newline."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __iter__(self) -> Iterator[str]:
+    with _open_text(self.path) as f:
+      carry = ""
+      while True:
+        block = f.read(_CHUNK_CHARS)
+        if not block:
+          break
+        block = carry + block
+        cut = block.rfind("\n") + 1
+        if cut == 0:
+          carry = block
+          continue
+        carry = block[cut:]
+        yield block[:cut]
+      if carry:
+        yield carry
 
 
 def load_text(spec: str, text_field: str = "text", format: str = "text") -> str:
@@ -79,16 +193,45 @@ def load_text(spec: str, text_field: str = "text", format: str = "text") -> str:
   return DOC_SEPARATOR.join(load_documents(spec, text_field, format))
 
 
-# ---------------------------------------------------------------- readers: file -> [(line, record)]
+# ---------------------------------------------------------------- readers: file -> (line, record)
 
-def _read_txt(path: str, text_field: str) -> List[tuple]:
-  # utf-8-sig drops a BOM; newline=None turns CRLF into LF.
-  with open(path, encoding="utf-8-sig", newline=None) as f:
+def _open_text(path: str):
+  # utf-8-sig drops a BOM; newline=None turns CRLF into LF; .gz files are decompressed as they are read.
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
+  return open(path, encoding="utf-8-sig", newline=None)
+
+
+def _records(path: str, text_field: str) -> Iterator[Tuple[int, Any]]:
+  if path.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+    return _read_jsonl(path, text_field)
+  return _read_txt(path, text_field)
+
+
+def _is_dialogue_file(path: str) -> bool:
+  lines = []
+  with _open_text(path) as f:
+    for line in f:
+      if line.strip():
+        lines.append(line)
+      if len(lines) >= _SNIFF_LINES:
+        break
+  return bool(lines) and all(line.rstrip().endswith(_EOU) for line in lines)
+
+
+def _read_txt(path: str, text_field: str) -> Iterator[Tuple[int, Any]]:
+  if _is_dialogue_file(path):
+    with _open_text(path) as f:
+      for i, line in enumerate(f, 1):
+        if line.strip():
+          yield i, {text_field: _utterances(line)}
+    return
+  if os.path.getsize(path) > STREAM_TXT_BYTES:
+    yield 1, TextChunks(path)
+    return
+  with _open_text(path) as f:
     text = f.read()
-  lines = text.split("\n")
-  if any(line.strip() for line in lines) and all(line.rstrip().endswith(_EOU) for line in lines if line.strip()):
-    return [(i, {text_field: _utterances(line)}) for i, line in enumerate(lines, 1) if line.strip()]
-  return [(1, {text_field: strip_gutenberg(text)})]
+  yield 1, {text_field: strip_gutenberg(text)}
 
 
 def _utterances(line: str) -> List[str]:
@@ -109,10 +252,9 @@ def strip_gutenberg(text: str) -> str:
   return text.strip() + "\n" if start or end else text
 
 
-def _read_jsonl(path: str, text_field: str) -> List[tuple]:
+def _read_jsonl(path: str, text_field: str) -> Iterator[Tuple[int, Any]]:
   del text_field
-  records = []
-  with open(path, encoding="utf-8-sig") as f:
+  with _open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -122,8 +264,7 @@ def _read_jsonl(path: str, text_field: str) -> List[tuple]:
         raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
       if not isinstance(record, dict):
         raise ValueError(f"{path}:{lineno}: expected a JSON object, got a {type(record).__name__}")
-      records.append((lineno, record))
-  return records
+      yield lineno, record
 
 
 # ---------------------------------------------------------------- formats: record -> document
@@ -147,28 +288,30 @@ def _format_text(record: Record, text_field: str, where: str) -> str:
   raise ValueError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string or list of strings")
 
 
-def _format_dolly(record: Record, text_field: str, where: str) -> str:
+def _format_dolly(record: Record, text_field: str, where: str) -> List[Part]:
+  """Optimus Prime's template; the loss part (data.loss_on='response') is the response."""
   del text_field
   hint = "format 'dolly' needs databricks-dolly-15k records"
   fields = {name: _field(record, name, where, hint) for name in ("instruction", "response")}
   context = record.get("context") or ""
-  text = f"Instruction: {fields['instruction']}\n"
+  prompt = f"Instruction: {fields['instruction']}\n"
   if context:
-    text += f"Context: {context}\n"
-  return text + f"Response: {fields['response']}"
+    prompt += f"Context: {context}\n"
+  return [(prompt + "Response: ", False), (str(fields["response"]), True)]
 
 
-def _format_dialogue(record: Record, text_field: str, where: str) -> str:
+def _format_dialogue(record: Record, text_field: str, where: str) -> List[Part]:
+  """HROM's turns; the loss parts (data.loss_on='response') are the assistant turns."""
   turns = _field(record, text_field, where)
   if not _is_utterances(turns):
     raise ValueError(f"{where}: format 'dialogue' needs field {text_field!r} to be a list of utterances "
                      f"(DailyDialog lines, or JSONL lists), got a {type(turns).__name__}")
   roles = ("<user>", "<assistant>")  # turns alternate, the user first
-  body = "".join(f"{roles[i % 2]} {u}</s>" for i, u in enumerate(turns[:DIALOGUE_MAX_TURNS]))
-  return "<s>" + body if body else ""
+  body = [(f"{roles[i % 2]} {u}</s>", i % 2 == 1) for i, u in enumerate(turns[:DIALOGUE_MAX_TURNS])]
+  return [("<s>", False)] + body if body else []
 
 
-_FORMATS: Dict[str, Callable[[Record, str, str], str]] = {
+_FORMATS: Dict[str, Callable[[Record, str, str], Union[str, List[Part]]]] = {
     "text": _format_text,
     "dolly": _format_dolly,
     "dialogue": _format_dialogue,

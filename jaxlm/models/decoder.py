@@ -211,7 +211,7 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
                positions_BxT: Optional[Array] = None, deterministic: bool = True,
                cache: Optional[Sequence[Any]] = None, logits_at_B: Optional[Array] = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, segment_ids_BxT: Optional[Array] = None):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t = tokens_BxT.shape
@@ -245,7 +245,8 @@ class Decoder(nn.Module):
     elif c.scan_layers:
       windows = c.layer_windows
       uniform = len(set(windows)) == 1
-      spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, causal=c.causal,
+      spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, segment_ids_BxT, segment_ids_BxT,
+                                causal=c.causal,
                                 window=(windows[0] or None) if uniform else None, arange_positions=arange_positions)
       stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers,
@@ -256,8 +257,8 @@ class Decoder(nn.Module):
       block_cls = block_class(c)
       for i, window in enumerate(c.layer_windows):
         # The mask is described by positions; each attention implementation builds what it needs from it.
-        spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, causal=c.causal,
-                                  window=window or None, arange_positions=arange_positions)
+        spec = attention.MaskSpec(positions_BxT, positions_BxT, padding_mask_BxT, segment_ids_BxT, segment_ids_BxT,
+                                  causal=c.causal, window=window or None, arange_positions=arange_positions)
         x_BxTxD = block_cls(c, window, name=f"layers_{i}")(x_BxTxD, positions_BxT, spec, deterministic)
     if logits_at_B is not None:
       x_BxTxD = jnp.take_along_axis(x_BxTxD, logits_at_B.astype(jnp.int32)[:, None, None], axis=1)
@@ -294,7 +295,9 @@ class Decoder(nn.Module):
 
   def loss(self, batch, deterministic: bool = True):
     """Next-token cross-entropy: (sum, weight sum, {'xent': sum}); the logits are made a chunk at a time."""
-    hidden_BxTxD, project = self(batch["inputs"], deterministic=deterministic, return_hidden=True)
+    # Packed documents (data.packing='documents') attend only within their own document.
+    hidden_BxTxD, project = self(batch["inputs"], deterministic=deterministic, return_hidden=True,
+                                 segment_ids_BxT=batch.get("segment_ids"))
     xent, weight = losses.chunked_xent(hidden_BxTxD, project, batch["targets"], batch["weights"],
                                        chunk=self.config.xent_chunk)
     return xent, weight, {"xent": xent}
