@@ -356,6 +356,10 @@ class Trainer:
     if self.primary:
       try:
         tokenizer_dir = fs.join(self.workdir, "tokenizer")
+        if self.parent is not None and not fs.exists(fs.join(tokenizer_dir, "tokenizer.json")):
+          # A new run from a parent tokenizes with the parent's tokenizer, grown by the characters of this corpus
+          # it lacks (vocabulary growth, see jaxlm.vocab_growth): written before the data is prepared with it.
+          init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
         saved = (data_lib.load_tokenizer(fs.local_dir(tokenizer_dir))
                  if fs.exists(fs.join(tokenizer_dir, "tokenizer.json")) else None)
         data_lib.prepared.ensure_all(self.config.data, tokenizer=saved, progress=self.tc.progress)
@@ -377,10 +381,6 @@ class Trainer:
     tokenizer_dir = fs.join(self.workdir, "tokenizer")
     saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     tokenizer = None
-    if self.primary and self.parent is not None and not saved:  # a new run from a parent: the parent's tokenizer,
-      # grown by the characters of this corpus it lacks (vocabulary growth, see jaxlm.vocab_growth)
-      init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
-      saved = fs.exists(fs.join(tokenizer_dir, "tokenizer.json"))
     if self.primary:
       if not fs.is_remote(tokenizer_dir):
         tokenizer = data_lib.run_tokenizer(self.prepared_roots[0], tokenizer_dir)
@@ -609,7 +609,8 @@ def data_lib_tokenizer(directory):
 def _chars_per_token(data, tokenizer) -> Optional[float]:
   """Characters per token of the first validation batch (history's `chars` of subword tokenizers)."""
   try:
-    ids = np.asarray(data.eval_batches()[0]["inputs"]).reshape(-1)[:4096].tolist()
+    first = next(iter(data.eval_batches()))  # read lazily: only the first batch
+    ids = np.asarray(first["inputs"]).reshape(-1)[:4096].tolist()
     return len(tokenizer.decode(ids)) / max(len(ids), 1)
   except Exception:  # noqa: BLE001: an estimate for the record, never a reason to stop training
     return None

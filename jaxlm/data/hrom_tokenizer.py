@@ -128,3 +128,6 @@ def from_data_config(data_cfg, train_text_fn, work_dir) -> HromTokenizer:
       raise FileNotFoundError(f"data.tokenizer_path={path!r}: no such HROM tokenizer file")
     return HromTokenizer.from_file(path)
   return HromTokenizer.train(training_strings(train_text_fn()), int(base._cfg(data_cfg, "vocab_size") or 32000))
+
+
+base._FACTORIES[KIND] = from_data_config

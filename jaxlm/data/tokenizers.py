@@ -459,6 +459,6 @@ def make_tokenizer(data_cfg, train_text_fn: Callable[[], str], work_dir: Optiona
   return _FACTORIES[kind](data_cfg, train_text_fn, work_dir)
 
 
-# HROM's Hugging Face BPE lives in its own module; importing it registers kind 'hrom_bpe'.
-from jaxlm.data import hrom_tokenizer as _hrom  # noqa: E402  (needs the definitions above)
-_FACTORIES[_hrom.KIND] = _hrom.from_data_config
+# HROM's Hugging Face BPE lives in its own module; importing it registers kind 'hrom_bpe' (its saved form and its
+# data.tokenizer factory), whichever of the two modules is imported first.
+from jaxlm.data import hrom_tokenizer as _hrom  # noqa: E402,F401  (needs the definitions above)
