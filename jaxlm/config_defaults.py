@@ -64,6 +64,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200           # tokens generated at the end of training; 0 = none
   c.train.sample_prompt = "\n"
   c.train.sample_temperature = 0.8
+  c.train.sample_every = 0              # also sample every N steps during training (printed, in metrics.jsonl); 0 = off
   c.train.progress = True               # tqdm progress bar
   c.train.on_nonfinite = "stop"         # a NaN/Inf loss or gradient: stop (exit 1) | skip (drop that update)
   c.train.on_unrestorable = "fail"      # no checkpoint restores (all damaged): fail | fresh (start over)

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import checksum, distributed, flops, fs, optim, sharding
+from jaxlm import checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
 from jaxlm import lineage
 from jaxlm import lock as lock_lib
@@ -210,7 +210,8 @@ class Trainer:
     if self.primary:
       fs.write_json_atomic(fs.join(self.workdir, "config.json"),
                            {"model": self.model_dict, "config": json.loads(self.config.to_json_best_effort()),
-                            "tokenizer": {"dir": "tokenizer"}, "history": self.history})
+                            "tokenizer": {"dir": "tokenizer"}, "history": self.history,
+                            "generation": gen_defaults.for_family(self.model_dict.get("family", ""))})
 
   def _take_workdir(self) -> None:
     """Creates the workdir and takes its lock (the primary; the others learn whether it succeeded)."""
@@ -514,6 +515,9 @@ class Trainer:
             stopped_early = self._evaluate_and_track(step, writer)
             window_start = time.perf_counter()  # evaluation time is not training throughput
 
+          if tc.get("sample_every") and tc.sample_tokens and step % tc.sample_every == 0 and step < tc.steps:
+            self._sample(step, writer)  # every process: the parameters may have to be gathered
+
           if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
             self.save(step)
           if stopped_early or interrupted:
@@ -555,8 +559,9 @@ class Trainer:
         self.lock.release()
         self.lock = None
 
-  def _sample(self) -> Optional[str]:
-    """A short generation from the final parameters, printed by the primary."""
+  def _sample(self, step: Optional[int] = None, writer=None) -> Optional[str]:
+    """A short generation from the current parameters, printed (and, during training, logged to metrics.jsonl
+    as {"step", "sample"}) by the primary. Every process must call it."""
     if jax.process_count() > 1:  # every process takes part in gathering the sharded parameters
       from jax.experimental import multihost_utils
       params = multihost_utils.process_allgather(self.state.params, tiled=True)
@@ -566,8 +571,15 @@ class Trainer:
       return None
     tc = self.tc
     sample = _sample(self.module, params, self.data.tokenizer, tc, self.model_cfg)
-    print(f"\n----- sample ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}) -----\n"
-          f"{sample}\n-----", flush=True)
+    at = "" if step is None else f" at step {step}"
+    text = (f"----- sample{at} ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}) -----\n"
+            f"{sample}\n-----")
+    if step is None:
+      print("\n" + text, flush=True)
+    else:
+      self._log(text)  # above the progress bar
+      if writer is not None:
+        writer.write({"step": step, "sample": sample})
     return sample
 
 

@@ -159,7 +159,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "eval_every": integer(0, note="0 = off"), "save_every": integer(1), "log_every": integer(1),
           "eval_batch_size": integer(0, note="0 = batch_size"), "seed": SEED,
           "keep_checkpoints": integer(1), "patience": integer(0, note="0 = off"),
-          "sample_tokens": integer(0, note="0 = none"), "sample_prompt": STRING,
+          "sample_tokens": integer(0, note="0 = none"), "sample_every": integer(0, note="0 = off"), "sample_prompt": STRING,
           "sample_temperature": number(0), "progress": BOOL,
           "on_nonfinite": optional(choice("stop", "skip")), "on_unrestorable": optional(choice("fail", "fresh")),
           "init_from": optional(STRING), "init_which": optional(choice("latest", "best")),
