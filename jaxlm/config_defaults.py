@@ -71,6 +71,9 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.init_from = ""                # model directory or workdir whose weights a new run starts from
   c.train.init_which = "latest"         # latest | best checkpoint of an init_from workdir
   c.train.init_optimizer = False        # also the init_from workdir's optimizer state (same arrays only)
+  c.train.grow_every_chars = 0          # add train.grow_layers identity blocks every N characters (HRM: 3e6); 0 = off
+  c.train.grow_layers = 1               # blocks per growth (HRM: to both the L and the H module)
+  c.train.grow_reset_optimizer = False  # a growth restarts the optimizer state (the original) instead of keeping it
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                      # -1: every remaining device

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import checksum, distributed, flops, fs, gen_defaults, optim, sharding
+from jaxlm import auto_grow, checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
 from jaxlm import lineage
 from jaxlm import lock as lock_lib
@@ -159,6 +159,9 @@ class Trainer:
     if self.parent is not None and tokenizer.vocab_size > int(self.parent.model_dict["vocab_size"]):
       config.data.vocab_size = config.model.vocab_size = tokenizer.vocab_size  # grown from the parent's
     model_dict = _model_dict(config, int(config.data.get("vocab_size", 0)) or tokenizer.vocab_size)
+    if tc.get("grow_every_chars"):  # a resumed run that grew continues with its grown depth
+      model_dict = auto_grow.resumed_model(model_dict, self._latest_saved_model())
+      auto_grow.check_growable(model_dict)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
     self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps)
@@ -303,6 +306,52 @@ class Trainer:
                          "old_logits_bit_equal": growth.figures["old_logits_bit_equal"]}
     log.info("vocabulary grown %d -> %d ids: %s", n_old, n_new, growth.figures)
     return growth.params
+
+  def _latest_saved_model(self) -> Optional[Dict[str, Any]]:
+    for step in self.checkpointer.steps_newest_first():
+      try:
+        return self.checkpointer.read_meta(step)["model"]
+      except (ckpt_lib.CheckpointUnusable, KeyError):
+        continue
+    return None
+
+  def _chars_per_step(self) -> float:
+    return (self.chars_per_token or 0.0) * self.tc.batch_size * self.tc.seq_len
+
+  def _grow(self, step: int) -> None:
+    """train.grow_every_chars: identity blocks added after `step` (jaxlm.auto_grow), optimizer state kept or
+    reset, steps recompiled, the event recorded in history."""
+    from jaxlm.models import layout
+    host = _host_tree(self.state)
+    before = self.n_params
+    canon_dict, params = layout.canonical(self.model_dict, host.params)
+    grown_dict, params = auto_grow.grown_model(canon_dict, params, int(self.tc.grow_layers))
+    run_dict = {**grown_dict, **{k: self.model_dict[k] for k in init_lib.RUN_FIELDS if k in self.model_dict}}
+    self.model_cfg, self.module = build_model(run_dict)
+    self.model_dict = {**self.model_cfg.to_dict(), "family": self.model_dict.get("family", "")}
+    boxed = jax.eval_shape(self._init_state, self.base_rng)
+    self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(self.config.mesh))
+    params = init_lib.to_run_layout(self.model_dict, params)
+    opt_state = jax.tree.map(np.asarray, self.optimizer.init(params))
+    reset = bool(self.tc.get("grow_reset_optimizer"))
+    if not reset:
+      opt_state = auto_grow.carry_over(host.opt_state, opt_state)
+    self.state = TrainState(step=jax.device_put(jnp.int32(step), self.state_sharding.step),
+                            params=init_lib.place(params, self.state_sharding.params),
+                            opt_state=init_lib.place(opt_state, self.state_sharding.opt_state))
+    self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    try:
+      self.flops_per_token = flops.training_flops_per_token(self.model_cfg, self.tc.seq_len)
+    except ValueError:
+      self.flops_per_token = None
+    self._compile_steps()
+    chars = round(step * self._chars_per_step())
+    added = {"layers": int(self.tc.grow_layers)} if "n_layers" in grown_dict else {
+        "l_layers": int(self.tc.grow_layers), "h_layers": int(self.tc.grow_layers)}
+    self.history = lineage.with_event(self.history, auto_grow.event(step, chars, added, before, self.n_params,
+                                                                    reset, lineage.now()))
+    self._log(f"step {step}: grown after {chars:,} characters: {added}, {before:,} -> {self.n_params:,} "
+              f"parameters, optimizer state {'reset' if reset else 'kept'}")
 
   def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
     """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
@@ -511,6 +560,9 @@ class Trainer:
                        f" MFU {mfu['mfu']}" if mfu else "")
             window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
+          if auto_grow.due(step, self._chars_per_step(), tc.get("grow_every_chars", 0)) and step < end_step:
+            self._grow(step)  # every process, after the same step
+
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
             stopped_early = self._evaluate_and_track(step, writer)
             window_start = time.perf_counter()  # evaluation time is not training throughput
@@ -593,6 +645,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def data_lib_tokenizer(directory):
   from jaxlm.data import tokenizers
   return tokenizers.load_tokenizer(directory)
+
+
+def _host_tree(tree):
+  """`tree`'s arrays as numpy on every process (gathered across processes when sharded over them)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def _chars_per_token(data, tokenizer) -> Optional[float]:

@@ -164,6 +164,8 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "on_nonfinite": optional(choice("stop", "skip")), "on_unrestorable": optional(choice("fail", "fresh")),
           "init_from": optional(STRING), "init_which": optional(choice("latest", "best")),
           "init_optimizer": optional(BOOL),
+          "grow_every_chars": integer(0, note="0 = off"), "grow_layers": integer(1),
+          "grow_reset_optimizer": optional(BOOL),
       },
       "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis},
   }

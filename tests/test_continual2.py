@@ -29,3 +29,30 @@ def test_repeat_stop_asks_after_more_than_n_equal_tokens():
   asked = [bool(stop(np.array([t, 1]), i, np.zeros(2, bool))[0]) for i, t in enumerate([5, 7, 7, 7, 7, 8])]
   assert asked == [False, False, False, False, True, False]
   assert gen_defaults.repeat_stopper(0) is None
+
+
+@pytest.mark.slow
+def test_growth_during_training_keeps_the_loss_and_samples_are_logged(tmp_path):
+  """128 characters a step: growth after step 2; step 3's loss (computed before its update) equals the loss of
+  the same run without growth, and the optimizer state of the old parameters is kept."""
+  from jaxlm import trainer
+  from jaxlm.metrics import read_metrics
+  from tests.test_train import small_config
+
+  def run(workdir, **train):
+    c = small_config(steps=4, eval_every=0, save_every=4, log_every=1, **train)
+    c.model.update(dropout=0.0, attention_dropout=0.0)
+    trainer.train_and_evaluate(c, str(workdir))
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, rows
+
+  plain, _ = run(tmp_path / "plain")
+  grown, rows = run(tmp_path / "grown", grow_every_chars=256, sample_every=2, sample_tokens=4)
+  assert grown[1] == plain[1] and grown[2] == plain[2]
+  np.testing.assert_allclose(grown[3], plain[3], rtol=1e-6)  # the first step of the grown model
+  assert [r["step"] for r in rows if "sample" in r] == [2] and isinstance(rows[-1].get("sample", ""), str)
+  config = json.loads((tmp_path / "grown" / "config.json").read_text())
+  assert config["model"]["n_layers"] == 3
+  (growth,) = [e for e in config["history"][-1]["events"] if e["kind"] == "layers"]
+  assert growth["step"] == 2 and growth["chars"] == 256 and growth["optimizer"] == "kept"
+  assert growth["params_after"] > growth["params_before"]
