@@ -74,6 +74,8 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.grow_every_chars = 0          # add train.grow_layers identity blocks every N characters (HRM: 3e6); 0 = off
   c.train.grow_layers = 1               # blocks per growth (HRM: to both the L and the H module)
   c.train.grow_reset_optimizer = False  # a growth restarts the optimizer state (the original) instead of keeping it
+  c.train.on_new_corpus = "ask"         # a workdir / init_from model on a corpus it has not seen: continue | fresh |
+                                        # ask (on a terminal; without one it continues)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                      # -1: every remaining device

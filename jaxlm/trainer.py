@@ -32,7 +32,7 @@ from etils import epath
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import auto_grow, checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
-from jaxlm import lineage
+from jaxlm import lineage, start_choice
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -134,6 +134,7 @@ class Trainer:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
     from jaxlm import validate
     self.parent = init_lib.load_parent(config.train)  # train.init_from: the model and tokenizer come from it
+    start_over = self._choose_at_start(config, workdir)  # a model that has not seen this corpus: continue it?
     if self.parent is not None:
       config = init_lib.adopt_parent(config, self.parent)
     for warning in validate.check_config(config):  # every field in range before any work
@@ -152,6 +153,8 @@ class Trainer:
     sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
     self.batch_sh = sharding.batch_sharding(self.mesh)
     self._take_workdir()
+    if start_over:
+      self._set_aside_previous_run()
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
     tokenizer = self._shared_tokenizer(data_lib)
@@ -192,6 +195,41 @@ class Trainer:
     self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
+  def _choose_at_start(self, config, workdir: str) -> bool:
+    """train.on_new_corpus (jaxlm.start_choice): 'fresh' drops the init_from parent, or returns True to set the
+    workdir's earlier run aside."""
+    setting, corpus = str(config.train.get("on_new_corpus", "ask") or "ask"), str(config.data.corpus)
+    path = fs.absolute(workdir)
+    resuming = fs.exists(fs.join(path, "checkpoints")) and fs.exists(fs.join(path, "config.json"))
+    if resuming:
+      history = lineage.read(path)
+      last = history[-1] if history else {}
+      choice = start_choice.at_start(setting, corpus, path, history, last.get("vocab_size"), last.get("params"),
+                                     primary=distributed.is_primary())
+      return choice == "fresh"
+    if self.parent is not None:
+      history = lineage.read(self.parent.path)
+      params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.parent.params))
+      choice = start_choice.at_start(setting, corpus, self.parent.path, history,
+                                     self.parent.model_dict.get("vocab_size"), params,
+                                     primary=distributed.is_primary())
+      if choice == "fresh":
+        log.info("starting a new model (train.on_new_corpus): train.init_from=%s is not used", self.parent.path)
+        self.parent = None
+    return False
+
+  def _set_aside_previous_run(self) -> None:
+    """'fresh' in a workdir that holds a run: its files move to workdir/previous-TIME/ (nothing is deleted)."""
+    if self.primary:
+      aside = fs.join(self.workdir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+      fs.makedirs(aside)
+      for name in ("checkpoints", "best", "tokenizer", "config.json", "metrics.jsonl", "tensorboard",
+                   "loss_curve.png"):
+        if fs.exists(fs.join(self.workdir, name)):
+          epath.Path(fs.join(self.workdir, name)).rename(fs.join(aside, name))
+      log.warning("starting a new model in %s; the previous run is in %s", self.workdir, aside)
+    distributed.sync("jaxlm:set-aside")
+
   def _start_history(self, tokenizer) -> list:
     """The lineage in config.json: a resumed run keeps its own; a new one appends an entry to its parent's."""
     self.chars_per_token = 1.0 if tokenizer.kind in ("char", "vocab") else _chars_per_token(self.data, tokenizer)
@@ -587,6 +625,9 @@ class Trainer:
       log.warning("stopped on request after step %d (process %d); checkpoint saved, rerun the same command to "
                   "resume", step, jax.process_index())
 
+    if interrupted and start_choice.after_interrupt(primary=self.primary) == "stop":
+      interrupted, stopped_early = False, True  # saved; the stage is recorded as finished
+      self._log(f"stopped at step {step}: this stage is recorded as finished")
     sample = None
     finished = step >= tc.steps or stopped_early
     self._write_config(step, finished=finished and not interrupted)

@@ -166,6 +166,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "init_optimizer": optional(BOOL),
           "grow_every_chars": integer(0, note="0 = off"), "grow_layers": integer(1),
           "grow_reset_optimizer": optional(BOOL),
+          "on_new_corpus": optional(choice("continue", "fresh", "ask")),
       },
       "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis},
   }

@@ -56,3 +56,70 @@ def test_growth_during_training_keeps_the_loss_and_samples_are_logged(tmp_path):
   (growth,) = [e for e in config["history"][-1]["events"] if e["kind"] == "layers"]
   assert growth["step"] == 2 and growth["chars"] == 256 and growth["optimizer"] == "kept"
   assert growth["params_after"] > growth["params_before"]
+
+
+CHOICE_SCRIPT = """
+import sys
+from jaxlm import start_choice
+history = [{"corpus": "alice", "vocab_size": 87, "params": 1000, "finished": "2025-01-01T00:00:00+00:00"}]
+print("ANSWER", start_choice.at_start("ask", "shakespeare", "/m", history, 87, 1000, primary=True, out=sys.stdout))
+print("ANSWER", start_choice.at_start("ask", "alice", "/m", history, 87, 1000, primary=True, out=sys.stdout))
+print("ANSWER", start_choice.after_interrupt(primary=True, out=sys.stdout))
+"""
+
+
+def _run_in_pty(script, typed):
+  """Runs `script` with a pseudo-terminal as stdin/stdout, typing `typed`; returns everything it printed."""
+  import pty
+  import subprocess
+  import sys
+  import time
+  leader, follower = pty.openpty()
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  proc = subprocess.Popen([sys.executable, "-c", script], stdin=follower, stdout=follower, stderr=follower, env=env)
+  os.close(follower)
+  out = b""
+  deadline = time.time() + 60
+  pending = list(typed)
+  while time.time() < deadline:
+    import select
+    ready, _, _ = select.select([leader], [], [], 0.2)
+    if ready:
+      try:
+        chunk = os.read(leader, 4096)
+      except OSError:
+        break
+      if not chunk:
+        break
+      out += chunk
+      if pending and out.rstrip().endswith(b">"):
+        os.write(leader, pending.pop(0).encode() + b"\n")
+    elif proc.poll() is not None:
+      break
+  proc.wait(timeout=10)
+  os.close(leader)
+  return out.decode(errors="replace")
+
+
+def test_choices_on_a_terminal_and_without_one():
+  out = _run_in_pty(CHOICE_SCRIPT, ["f", "s"])
+  assert "datasets trained: alice" in out and "vocabulary: 87 tokens" in out and "parameters: 1,000" in out
+  assert "last update: 2025-01-01T00:00:00+00:00" in out and "has not seen 'shakespeare'" in out
+  assert [l.split()[1] for l in out.splitlines() if l.startswith("ANSWER")] == ["fresh", "continue", "stop"]
+  import subprocess
+  import sys
+  piped = subprocess.run([sys.executable, "-c", CHOICE_SCRIPT], input="fresh\nstop\n", capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.path.dirname(
+                             os.path.dirname(os.path.abspath(__file__)))})
+  assert [l.split()[1] for l in piped.stdout.splitlines() if l.startswith("ANSWER")] == ["continue", "continue",
+                                                                                           "pause"]
+  assert "datasets trained" not in piped.stdout  # nothing asked, nothing read
+
+
+def test_flags_answer_without_asking():
+  from jaxlm import start_choice
+  history = [{"corpus": "alice"}]
+  assert start_choice.at_start("fresh", "shakespeare", "/m", history, 87, 10, primary=True) == "fresh"
+  assert start_choice.at_start("fresh", "alice", "/m", history, 87, 10, primary=True) == "continue"  # not new
+  with pytest.raises(ValueError, match="train.on_new_corpus must be one of continue, fresh, ask"):
+    start_choice.at_start("maybe", "alice", "/m", history, 87, 10, primary=True)
