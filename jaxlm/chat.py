@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from jaxlm import errors, generate, validate
+from jaxlm import errors, gen_defaults, generate, validate
 from jaxlm.models import apply_reasoning
 from jaxlm.safety import Blocklist, StreamGuard
 from jaxlm.sampling import Sampling
@@ -59,6 +59,7 @@ class Settings:
   natural: bool = False
   interactive: bool = True
   seed: int = 0
+  repeat_stop: int = 0          # stop a reply after one token more than N times in a row (HRM's chat); 0 = off
 
   def sampling(self) -> Sampling:
     return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -374,7 +375,9 @@ class Chat:
     try:  # Ctrl-C during a reply stops that reply (the decode loop asks after every token)
       with generate.StopOnInterrupt(raise_after=False) as interrupt:
         out = self.generator.generate([prompt], max_new, sampling=s.sampling(), stop_ids=self.format.stop_ids,
-                                      seed=s.seed + self.turns, listener=reply.on_tokens, stop_check=interrupt)
+                                      seed=s.seed + self.turns, stop_check=interrupt,
+                                      listener=gen_defaults.combine(reply.on_tokens,
+                                                                    gen_defaults.repeat_stopper(s.repeat_stop)))
     except ValueError as e:
       self.say(f"[error: {e}]")
       return
@@ -453,17 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m jaxlm.chat", description=doc[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(doc[1:]) + "\n\n" + COMMANDS)
-  d = Settings()
+  d = Settings()  # sampling flags left out take the model's stored generation defaults, then these
   parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
   parser.add_argument("--which", choices=("latest", "best"), default="latest")
   parser.add_argument("--format", choices=("auto", "dialogue", "plain"), default="auto")
   parser.add_argument("--mode", help="HRM reasoning mode (fast, normal, deep, extreme; default: the model's own)")
-  parser.add_argument("--temperature", type=float, default=d.temperature)
-  parser.add_argument("--top-p", type=float, default=d.top_p)
-  parser.add_argument("--top-k", type=int, default=d.top_k)
-  parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-  parser.add_argument("--penalty-style", choices=("sign", "divide"), default=d.penalty_style)
-  parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+  parser.add_argument("--temperature", type=float, help=f"default: the model's, else {d.temperature}")
+  parser.add_argument("--top-p", type=float, help=f"default: the model's, else {d.top_p}")
+  parser.add_argument("--top-k", type=int, help=f"default: the model's, else {d.top_k}")
+  parser.add_argument("--repetition-penalty", type=float, help=f"default: the model's, else {d.repetition_penalty}")
+  parser.add_argument("--penalty-style", choices=("sign", "divide"), help="default: the model's, else sign")
+  parser.add_argument("--repeat-stop", type=int, help="stop a reply after one token more than N times in a row "
+                                                      "(default: the model's: 10 for HRM, else off)")
+  parser.add_argument("--max-new-tokens", type=int, help=f"default: the model's, else {d.max_new_tokens}")
   parser.add_argument("--context", type=int, default=0, help="tokens the model sees (default model.max_seq_len)")
   parser.add_argument("--decode", choices=generate.STRATEGIES, default="auto")
   parser.add_argument("--blocklist", help="blocklist file (default: the shipped jaxlm/data/assets/blocklist.txt)")
@@ -499,14 +504,14 @@ def main(argv=None, stdin=None, stdout=None) -> int:
 
 
 def _run(args, stdin, out) -> int:
-  validate.check_args(args, generate.SAMPLING_ARGS)
-  settings = Settings(mode=args.mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style,
-                      max_new_tokens=args.max_new_tokens, natural=args.natural,
-                      interactive=not args.batch, seed=args.seed)
-  settings.sampling()  # validates the combination
+  validate.check_args(args, {**generate.SAMPLING_ARGS, **generate.SAMPLING_ARGS_GEN})
+  Sampling(**{k: v for k, v in vars(args).items() if k in generate.SAMPLING_FIELDS and v is not None})
   blocklist = Blocklist([], source="off") if args.no_safety else Blocklist.load(args.blocklist)
   model = generate.load(args.checkpoint, args.which)
+  d = Settings()
+  chosen = gen_defaults.resolve(vars(args), model.generation, {**{k: getattr(d, k) for k in (
+      *generate.SAMPLING_FIELDS, "max_new_tokens")}, "repeat_stop": 0})
+  settings = Settings(mode=args.mode, **chosen, natural=args.natural, interactive=not args.batch, seed=args.seed)
   chat = Chat(model, settings, blocklist, choose_format(model, args.format), out=out,
               context=args.context or None, strategy=args.decode)
   if args.mode is not None and args.mode not in chat.modes:

@@ -71,12 +71,18 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.sample_tokens = 200           # tokens generated at the end of training; 0 = none
   c.train.sample_prompt = "\n"
   c.train.sample_temperature = 0.8
+  c.train.sample_every = 0              # also sample every N steps during training (printed, in metrics.jsonl); 0 = off
   c.train.progress = True               # tqdm progress bar
   c.train.on_nonfinite = "stop"         # a NaN/Inf loss or gradient: stop (exit 1) | skip (drop that update)
   c.train.on_unrestorable = "fail"      # no checkpoint restores (all damaged): fail | fresh (start over)
   c.train.init_from = ""                # model directory or workdir whose weights a new run starts from
   c.train.init_which = "latest"         # latest | best checkpoint of an init_from workdir
   c.train.init_optimizer = False        # also the init_from workdir's optimizer state (same arrays only)
+  c.train.grow_every_chars = 0          # add train.grow_layers identity blocks every N characters (HRM: 3e6); 0 = off
+  c.train.grow_layers = 1               # blocks per growth (HRM: to both the L and the H module)
+  c.train.grow_reset_optimizer = False  # a growth restarts the optimizer state (the original) instead of keeping it
+  c.train.on_new_corpus = "ask"         # a workdir / init_from model on a corpus it has not seen: continue | fresh |
+                                        # ask (on a terminal; without one it continues)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                      # -1: every remaining device

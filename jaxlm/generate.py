@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxlm import errors, kv_cache, validate
+from jaxlm import errors, gen_defaults, kv_cache, validate
 from jaxlm.models import apply_reasoning
 from jaxlm.sampling import Sampling, Stages, choose, token_counts
 
@@ -428,6 +428,7 @@ class Model(NamedTuple):
   source: dict              # model directory: where it was converted from; {} for a training workdir
   run_config: dict          # training workdir: the run's config (data section etc.); {} otherwise
   tokenizer_error: str = "" # why `tokenizer` is None, when the model has one that did not load
+  generation: dict = {}     # the model's generation defaults (jaxlm.gen_defaults), used where no flag is given
 
 
 def load(checkpoint: str, which: str = "latest", mode=None, n_cycles=None, t_steps=None) -> Model:
@@ -444,14 +445,16 @@ def load(checkpoint: str, which: str = "latest", mode=None, n_cycles=None, t_ste
       tokenizer, tokenizer_error = load_tokenizer(loaded.tokenizer_dir), ""
     except (FileNotFoundError, ValueError) as e:
       tokenizer_error = f"its tokenizer did not load: {e}"
-  run_config = {}
-  if modeldir.is_workdir(checkpoint):
-    try:
-      run_config = modeldir.read_config(checkpoint).get("config") or {}
-    except (FileNotFoundError, ValueError):
-      pass  # an older workdir without config.json: only the status line loses its data section
+  run_config, generation = {}, gen_defaults.for_family(loaded.model_dict.get("family", ""))
+  try:
+    written = modeldir.read_config(checkpoint)
+    generation = gen_defaults.from_config(written)
+    if modeldir.is_workdir(checkpoint):
+      run_config = written.get("config") or {}
+  except (FileNotFoundError, ValueError):
+    pass  # an older workdir without config.json: its family's defaults; the status line loses its data section
   return Model(config, module, jax.tree.map(jnp.asarray, loaded.params), tokenizer, checkpoint,
-               dict(loaded.model_dict), dict(loaded.source), run_config, tokenizer_error)
+               dict(loaded.model_dict), dict(loaded.source), run_config, tokenizer_error, generation)
 
 
 def default_stop_ids(tokenizer) -> List[int]:
@@ -547,6 +550,11 @@ SAMPLING_ARGS = {
     "context": validate.integer(2, MAX_POSITIONS, special=((0, "model.max_seq_len"),)),
 }
 HRM_ARGS = {"n_cycles": validate.integer(1), "t_steps": validate.integer(1)}
+SAMPLING_ARGS_GEN = {"repeat_stop": validate.integer(0, note="0 = off")}
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "penalty_style")
+# jaxlm.generate's own defaults, for what neither a flag nor the model's stored generation defaults give.
+BUILTIN = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "penalty_style": "sign",
+           "max_new_tokens": 100, "repeat_stop": 0}
 
 
 def _parse_ids(text: str) -> List[int]:
@@ -574,13 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint of a training workdir (default latest)")
   parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
   parser.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. 1,2,3")
-  parser.add_argument("--max-new-tokens", type=int, default=100)
-  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-  parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-  parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-  parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-  parser.add_argument("--penalty-style", choices=("sign", "divide"), default="sign",
-                      help="sign: CTRL/Hugging Face (default); divide: YingGem's logit / penalty^count")
+  # Sampling flags default to the model's stored generation defaults (jaxlm.gen_defaults), then to BUILTIN.
+  parser.add_argument("--max-new-tokens", type=int, help="default: the model's, else 100")
+  parser.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 1.0)")
+  parser.add_argument("--top-k", type=int, help="0 = off (default: the model's, else 0)")
+  parser.add_argument("--top-p", type=float, help="1 = off (default: the model's, else 1)")
+  parser.add_argument("--repetition-penalty", type=float, help="1 = off (default: the model's, else 1)")
+  parser.add_argument("--penalty-style", choices=("sign", "divide"),
+                      help="sign: CTRL/Hugging Face; divide: YingGem's logit / penalty^count (default: the model's, "
+                           "else sign)")
+  parser.add_argument("--repeat-stop", type=int,
+                      help="stop a row after one token more than N times in a row; 0 = off (default: the model's: "
+                           "10 for HRM, else 0)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--stop-ids", help="ids that end a completion (default: the tokenizer's eos; 'none')")
   parser.add_argument("--context", type=int, default=0, help="tokens a step sees (default model.max_seq_len)")
@@ -603,7 +616,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-  validate.check_args(args, {**SAMPLING_ARGS, **HRM_ARGS})
+  validate.check_args(args, {**SAMPLING_ARGS, **HRM_ARGS, **SAMPLING_ARGS_GEN})
   n_prompts = len(args.prompt) + len(args.prompt_ids)
   if not n_prompts:
     raise ValueError("give --prompt TEXT or --prompt-ids IDS")
@@ -612,18 +625,20 @@ def _run(args) -> int:
     raise ValueError("--stream prints one prompt's tokens; give a single prompt")
   id_prompts = [_parse_ids(t) for t in args.prompt_ids]
   stop_arg = _parse_stop(args.stop_ids)
-  sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      repetition_penalty=args.repetition_penalty, penalty_style=args.penalty_style)
+  Sampling(**{k: v for k, v in vars(args).items() if k in SAMPLING_FIELDS and v is not None})  # flags first
   model = load(args.checkpoint, args.which, args.mode, args.n_cycles, args.t_steps)
+  settings = gen_defaults.resolve(vars(args), model.generation, BUILTIN)
+  sampling = Sampling(**{k: settings[k] for k in SAMPLING_FIELDS})
   if args.prompt and model.tokenizer is None:
     raise ValueError(f"--prompt needs a tokenizer and {model.tokenizer_error}; use --prompt-ids")
   prompts = [model.tokenizer.encode(text) for text in args.prompt] + id_prompts
   stop_ids = default_stop_ids(model.tokenizer) if stop_arg is None else stop_arg
   generator = Generator(model.module, model.params, context=args.context or None, strategy=args.decode)
   with StopOnInterrupt() as interrupted:
-    out = generator.generate(prompts, args.max_new_tokens, sampling=sampling, stop_ids=stop_ids, seed=args.seed,
-                             listener=_printer(model.tokenizer, stop_ids) if stream else None,
-                             stop_check=interrupted)
+    listener = gen_defaults.combine(_printer(model.tokenizer, stop_ids) if stream else None,
+                                    gen_defaults.repeat_stopper(settings["repeat_stop"]))
+    out = generator.generate(prompts, settings["max_new_tokens"], sampling=sampling, stop_ids=stop_ids,
+                             seed=args.seed, listener=listener, stop_check=interrupted)
   if stream:
     print()
   else:

@@ -106,7 +106,11 @@ def save_model_dir(out_dir: str, model_dict: Mapping[str, Any], params: Any,
   model_dict = dict(model_dict)
   model_dict.setdefault("arch", "decoder")
   params = check_params(model_dict, params)
-  config = {"model": model_dict, "source": dict(source or {}), "history": list(history or [])}
+  from jaxlm import gen_defaults
+  source = dict(source or {})
+  config = {"model": model_dict, "source": source, "history": list(history or []),
+            "generation": gen_defaults.for_family(model_dict.get("family") or source.get("family", ""),
+                                                  source.get("generation_config"))}
   if tokenizer_json is not None:
     config["tokenizer"] = {"file": TOKENIZER_FILE, "kind": tokenizer_json.get("kind")}
   with staged_output(out_dir, is_dir=True, overwrite=overwrite) as tmp:

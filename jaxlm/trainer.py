@@ -30,9 +30,9 @@ import numpy as np
 from etils import epath
 
 from jaxlm import checkpoint as ckpt_lib
-from jaxlm import checksum, distributed, flops, fs, optim, sharding
+from jaxlm import auto_grow, checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
-from jaxlm import lineage
+from jaxlm import lineage, start_choice
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -134,6 +134,7 @@ class Trainer:
     from jaxlm import data as data_lib  # heavy imports (tokenizers) only when training
     from jaxlm import validate
     self.parent = init_lib.load_parent(config.train)  # train.init_from: the model and tokenizer come from it
+    start_over = self._choose_at_start(config, workdir)  # a model that has not seen this corpus: continue it?
     if self.parent is not None:
       config = init_lib.adopt_parent(config, self.parent)
     for warning in validate.check_config(config):  # every field in range before any work
@@ -152,6 +153,8 @@ class Trainer:
     sharding.check_batch_divisible(self.eval_batch_size, self.mesh, field="train.eval_batch_size")
     self.batch_sh = sharding.batch_sharding(self.mesh)
     self._take_workdir()
+    if start_over:
+      self._set_aside_previous_run()
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
     self.prepared_roots = self._prepared_dataset(data_lib)
@@ -160,6 +163,9 @@ class Trainer:
     if self.parent is not None and tokenizer.vocab_size > int(self.parent.model_dict["vocab_size"]):
       config.data.vocab_size = config.model.vocab_size = tokenizer.vocab_size  # grown from the parent's
     model_dict = _model_dict(config, int(config.data.get("vocab_size", 0)) or tokenizer.vocab_size)
+    if tc.get("grow_every_chars"):  # a resumed run that grew continues with its grown depth
+      model_dict = auto_grow.resumed_model(model_dict, self._latest_saved_model())
+      auto_grow.check_growable(model_dict)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
     self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps)
@@ -190,6 +196,41 @@ class Trainer:
     self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
+  def _choose_at_start(self, config, workdir: str) -> bool:
+    """train.on_new_corpus (jaxlm.start_choice): 'fresh' drops the init_from parent, or returns True to set the
+    workdir's earlier run aside."""
+    setting, corpus = str(config.train.get("on_new_corpus", "ask") or "ask"), str(config.data.corpus)
+    path = fs.absolute(workdir)
+    resuming = fs.exists(fs.join(path, "checkpoints")) and fs.exists(fs.join(path, "config.json"))
+    if resuming:
+      history = lineage.read(path)
+      last = history[-1] if history else {}
+      choice = start_choice.at_start(setting, corpus, path, history, last.get("vocab_size"), last.get("params"),
+                                     primary=distributed.is_primary())
+      return choice == "fresh"
+    if self.parent is not None:
+      history = lineage.read(self.parent.path)
+      params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(self.parent.params))
+      choice = start_choice.at_start(setting, corpus, self.parent.path, history,
+                                     self.parent.model_dict.get("vocab_size"), params,
+                                     primary=distributed.is_primary())
+      if choice == "fresh":
+        log.info("starting a new model (train.on_new_corpus): train.init_from=%s is not used", self.parent.path)
+        self.parent = None
+    return False
+
+  def _set_aside_previous_run(self) -> None:
+    """'fresh' in a workdir that holds a run: its files move to workdir/previous-TIME/ (nothing is deleted)."""
+    if self.primary:
+      aside = fs.join(self.workdir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+      fs.makedirs(aside)
+      for name in ("checkpoints", "best", "tokenizer", "config.json", "metrics.jsonl", "tensorboard",
+                   "loss_curve.png"):
+        if fs.exists(fs.join(self.workdir, name)):
+          epath.Path(fs.join(self.workdir, name)).rename(fs.join(aside, name))
+      log.warning("starting a new model in %s; the previous run is in %s", self.workdir, aside)
+    distributed.sync("jaxlm:set-aside")
+
   def _start_history(self, tokenizer) -> list:
     """The lineage in config.json: a resumed run keeps its own; a new one appends an entry to its parent's."""
     self.chars_per_token = 1.0 if tokenizer.kind in ("char", "vocab") else _chars_per_token(self.data, tokenizer)
@@ -211,7 +252,8 @@ class Trainer:
     if self.primary:
       fs.write_json_atomic(fs.join(self.workdir, "config.json"),
                            {"model": self.model_dict, "config": json.loads(self.config.to_json_best_effort()),
-                            "tokenizer": {"dir": "tokenizer"}, "history": self.history})
+                            "tokenizer": {"dir": "tokenizer"}, "history": self.history,
+                            "generation": gen_defaults.for_family(self.model_dict.get("family", ""))})
 
   def _take_workdir(self) -> None:
     """Creates the workdir and takes its lock (the primary; the others learn whether it succeeded)."""
@@ -303,6 +345,52 @@ class Trainer:
                          "old_logits_bit_equal": growth.figures["old_logits_bit_equal"]}
     log.info("vocabulary grown %d -> %d ids: %s", n_old, n_new, growth.figures)
     return growth.params
+
+  def _latest_saved_model(self) -> Optional[Dict[str, Any]]:
+    for step in self.checkpointer.steps_newest_first():
+      try:
+        return self.checkpointer.read_meta(step)["model"]
+      except (ckpt_lib.CheckpointUnusable, KeyError):
+        continue
+    return None
+
+  def _chars_per_step(self) -> float:
+    return (self.chars_per_token or 0.0) * self.tc.batch_size * self.tc.seq_len
+
+  def _grow(self, step: int) -> None:
+    """train.grow_every_chars: identity blocks added after `step` (jaxlm.auto_grow), optimizer state kept or
+    reset, steps recompiled, the event recorded in history."""
+    from jaxlm.models import layout
+    host = _host_tree(self.state)
+    before = self.n_params
+    canon_dict, params = layout.canonical(self.model_dict, host.params)
+    grown_dict, params = auto_grow.grown_model(canon_dict, params, int(self.tc.grow_layers))
+    run_dict = {**grown_dict, **{k: self.model_dict[k] for k in init_lib.RUN_FIELDS if k in self.model_dict}}
+    self.model_cfg, self.module = build_model(run_dict)
+    self.model_dict = {**self.model_cfg.to_dict(), "family": self.model_dict.get("family", "")}
+    boxed = jax.eval_shape(self._init_state, self.base_rng)
+    self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(self.config.mesh))
+    params = init_lib.to_run_layout(self.model_dict, params)
+    opt_state = jax.tree.map(np.asarray, self.optimizer.init(params))
+    reset = bool(self.tc.get("grow_reset_optimizer"))
+    if not reset:
+      opt_state = auto_grow.carry_over(host.opt_state, opt_state)
+    self.state = TrainState(step=jax.device_put(jnp.int32(step), self.state_sharding.step),
+                            params=init_lib.place(params, self.state_sharding.params),
+                            opt_state=init_lib.place(opt_state, self.state_sharding.opt_state))
+    self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    try:
+      self.flops_per_token = flops.training_flops_per_token(self.model_cfg, self.tc.seq_len)
+    except ValueError:
+      self.flops_per_token = None
+    self._compile_steps()
+    chars = round(step * self._chars_per_step())
+    added = {"layers": int(self.tc.grow_layers)} if "n_layers" in grown_dict else {
+        "l_layers": int(self.tc.grow_layers), "h_layers": int(self.tc.grow_layers)}
+    self.history = lineage.with_event(self.history, auto_grow.event(step, chars, added, before, self.n_params,
+                                                                    reset, lineage.now()))
+    self._log(f"step {step}: grown after {chars:,} characters: {added}, {before:,} -> {self.n_params:,} "
+              f"parameters, optimizer state {'reset' if reset else 'kept'}")
 
   def _check_same_state_layout(self, meta: Dict[str, Any], abstract_state) -> None:
     """A checkpoint whose arrays are not the ones this config's state has (e.g. opt.clip_norm switched on since)
@@ -533,9 +621,15 @@ class Trainer:
                        f" MFU {mfu['mfu']}" if mfu else "")
             window_start, window_steps, window_losses = time.perf_counter(), 0, []
 
+          if auto_grow.due(step, self._chars_per_step(), tc.get("grow_every_chars", 0)) and step < end_step:
+            self._grow(step)  # every process, after the same step
+
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
             stopped_early = self._evaluate_and_track(step, writer)
             window_start = time.perf_counter()  # evaluation time is not training throughput
+
+          if tc.get("sample_every") and tc.sample_tokens and step % tc.sample_every == 0 and step < tc.steps:
+            self._sample(step, writer)  # every process: the parameters may have to be gathered
 
           if step % tc.save_every == 0 or step == end_step or stopped_early or interrupted:
             self.save(step)
@@ -554,6 +648,9 @@ class Trainer:
       log.warning("stopped on request after step %d (process %d); checkpoint saved, rerun the same command to "
                   "resume", step, jax.process_index())
 
+    if interrupted and start_choice.after_interrupt(primary=self.primary) == "stop":
+      interrupted, stopped_early = False, True  # saved; the stage is recorded as finished
+      self._log(f"stopped at step {step}: this stage is recorded as finished")
     sample = None
     finished = step >= tc.steps or stopped_early
     self._write_config(step, finished=finished and not interrupted)
@@ -578,8 +675,9 @@ class Trainer:
         self.lock.release()
         self.lock = None
 
-  def _sample(self) -> Optional[str]:
-    """A short generation from the final parameters, printed by the primary."""
+  def _sample(self, step: Optional[int] = None, writer=None) -> Optional[str]:
+    """A short generation from the current parameters, printed (and, during training, logged to metrics.jsonl
+    as {"step", "sample"}) by the primary. Every process must call it."""
     if jax.process_count() > 1:  # every process takes part in gathering the sharded parameters
       from jax.experimental import multihost_utils
       params = multihost_utils.process_allgather(self.state.params, tiled=True)
@@ -589,8 +687,15 @@ class Trainer:
       return None
     tc = self.tc
     sample = _sample(self.module, params, self.data.tokenizer, tc, self.model_cfg)
-    print(f"\n----- sample ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}) -----\n"
-          f"{sample}\n-----", flush=True)
+    at = "" if step is None else f" at step {step}"
+    text = (f"----- sample{at} ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}) -----\n"
+            f"{sample}\n-----")
+    if step is None:
+      print("\n" + text, flush=True)
+    else:
+      self._log(text)  # above the progress bar
+      if writer is not None:
+        writer.write({"step": step, "sample": sample})
     return sample
 
 
@@ -604,6 +709,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def data_lib_tokenizer(directory):
   from jaxlm.data import tokenizers
   return tokenizers.load_tokenizer(directory)
+
+
+def _host_tree(tree):
+  """`tree`'s arrays as numpy on every process (gathered across processes when sharded over them)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def _chars_per_token(data, tokenizer) -> Optional[float]:

@@ -64,19 +64,20 @@ REFERENCE_GREEDY = {
 
 
 PENALTY = ["--repetition-penalty", "1.2", "--penalty-style", "divide"]
+NO_PENALTY = ["--repetition-penalty", "1"]  # YingGem models default to the original's 1.2
 
 
 @pytest.mark.parametrize("family,twin,expected,extra", [
-    ("yinggem", "untrained", "generate/yinggem_greedy_tokens.npy", []),
-    ("yinggem", "untrained", "generate/yinggem_greedy_tokens_reppen1.2.npy", PENALTY),
-    ("yinggem", "perturbed", ("reference", 1.0), []),
+    ("yinggem", "untrained", "generate/yinggem_greedy_tokens.npy", NO_PENALTY),
+    ("yinggem", "untrained", "generate/yinggem_greedy_tokens_reppen1.2.npy", []),  # the stored default: 1.2, divide
+    ("yinggem", "perturbed", ("reference", 1.0), NO_PENALTY),
     ("yinggem", "perturbed", ("reference", 1.2), PENALTY),
     ("optimus_prime", "untrained", "generate/optimus_prime_greedy_tokens_full_recompute.npy", []),
     ("optimus_prime", "perturbed", "optimus_prime/perturbed/greedy_tokens_full_recompute.npy", []),
     ("hrom", "untrained", "generate/hrom_greedy_tokens.npy", []),
     ("hrom", "perturbed", ("reference", 1.0), []),
-    ("hrm", "untrained", "hrm/greedy_tokens.npy", ["--mode", "normal"]),  # N=2, T=2 with ACT, as the original chat
-    ("hrm", "perturbed", "hrm/perturbed/greedy_tokens.npy", ["--mode", "normal"]),  # each forward halts after 1
+    ("hrm", "untrained", "hrm/greedy_tokens.npy", ["--mode", "normal", "--repeat-stop", "0"]),  # N=2, T=2 with ACT, as the original chat
+    ("hrm", "perturbed", "hrm/perturbed/greedy_tokens.npy", ["--mode", "normal", "--repeat-stop", "0"]),  # each forward halts after 1
     ("hrm_text1", "untrained", "hrm_text1/greedy_tokens.npy", []),        # with pondering
     ("hrm_text1", "perturbed", "hrm_text1/perturbed/greedy_tokens.npy", []),  # layer 0 exits early
 ], ids=["yinggem-untrained", "yinggem-untrained-reppen1.2", "yinggem-perturbed", "yinggem-perturbed-reppen1.2",
