@@ -138,8 +138,11 @@ def test_round_trip_is_bit_exact(converted, tmp_path, twin):
   # the tokenizer the original reads beside the checkpoint comes back byte for byte
   with open(os.path.join(FOLDERS[twin], "continual_tokenizer.json"), "rb") as f:
     assert (tmp_path / "continual_tokenizer.json").read_bytes() == f.read()
-  with pytest.raises(ConversionError, match="continual_tokenizer.json already exists"):
-    api.jax2torch(converted[twin], str(tmp_path / "again.pt"))
+  api.jax2torch(converted[twin], str(tmp_path / "again.pt"))  # beside an identical tokenizer file: nothing to replace
+  (tmp_path / "continual_tokenizer.json").write_text("{}")
+  with pytest.raises(ConversionError, match="continual_tokenizer.json already exists"):  # a different one stays
+    api.jax2torch(converted[twin], str(tmp_path / "third.pt"))
+  assert (tmp_path / "continual_tokenizer.json").read_text() == "{}" and not (tmp_path / "third.pt").exists()
   print(f"\nhrm {twin}: {len(written['model_state_dict'])} tensors and {len(written) - 1} other entries bit-identical "
         "after torch2jax -> jax2torch")
 

@@ -288,6 +288,29 @@ def test_decoder_attends_within_its_segment_only():
   assert not np.isclose(with_segments, without)
 
 
+@pytest.mark.parametrize("arch", ["hrm", "hrm_text1"])
+def test_hrm_families_attend_within_their_segment_only(arch):
+  """HRM and HRM-Text1 take segment ids too: a packed row's second document gets the logits it gets alone (RoPE is
+  relative; the untrained halting runs every segment / pondering step either way), and both losses see them."""
+  import jax
+  import jax.numpy as jnp
+  from jaxlm.models import build_model
+  sizes = {"hrm": dict(n_cycles=1, t_steps=1, halt_max_steps=2, train_mode="act"),
+           "hrm_text1": dict(n_layers=1, halt_max_steps=2, dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0)}
+  cfg, module = build_model({"arch": arch, "vocab_size": 50, "d_model": 32, "n_heads": 2, **sizes[arch]})
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (1, 12)), jnp.int32)
+  params = jax.jit(module.init)({"params": jax.random.key(0)}, tokens)["params"]
+  segments = jnp.asarray([[1] * 5 + [2] * 7], jnp.int32)
+  logits = jax.jit(lambda t, s: module.apply({"params": params}, t, segment_ids_BxT=s))
+  packed, alone = logits(tokens, segments), logits(tokens[:, 5:], None)
+  np.testing.assert_allclose(packed[:, 5:], alone, atol=2e-5)
+  assert not np.allclose(logits(tokens, None)[:, 5:], alone, atol=1e-3)  # without segments the first one leaks in
+  batch = {"inputs": tokens, "targets": tokens, "weights": jnp.ones((1, 12)), "segment_ids": segments}
+  loss = jax.jit(lambda b: module.apply({"params": params}, b, deterministic=False, method="loss",
+                                        rngs={"dropout": jax.random.key(1)})[0])
+  assert not np.isclose(loss(batch), loss({k: v for k, v in batch.items() if k != "segment_ids"}))
+
+
 # ---------------------------------------------------------------- end to end
 
 @pytest.mark.slow

@@ -222,14 +222,16 @@ class HRM(nn.Module):
 
   # ------------------------------------------------------------------------------------- pieces
   def context(self, tokens_BxT: Array, padding_mask_BxT: Optional[Array] = None,
-              positions_BxT: Optional[Array] = None) -> Context:
+              positions_BxT: Optional[Array] = None, segment_ids_BxT: Optional[Array] = None) -> Context:
+    """segment_ids_BxT: packed documents (data.packing='documents') attend only within their own."""
     c = self.config
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid_BxT = jnp.ones((b, t), bool) if padding_mask_BxT is None else padding_mask_BxT.astype(bool)
     mask = layers.attention_mask(positions_BxT, positions_BxT, causal=c.causal, window=None,
-                                 k_valid_BxS=padding_mask_BxT)
+                                 k_valid_BxS=padding_mask_BxT, q_segment_BxT=segment_ids_BxT,
+                                 k_segment_BxS=segment_ids_BxT)
     x_BxTxD = self.embed(tokens_BxT) * jnp.asarray(math.sqrt(c.d_model), jnp.dtype(c.dtype))
     return Context(x_BxTxD, positions_BxT, mask, valid_BxT)
 
@@ -339,13 +341,13 @@ class HRM(nn.Module):
   # ------------------------------------------------------------------------------------- inference
   def act(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
           positions_BxT: Optional[Array] = None, n_cycles: Optional[int] = None, t_steps: Optional[int] = None,
-          halt_max_steps: Optional[int] = None) -> dict:
+          halt_max_steps: Optional[int] = None, segment_ids_BxT: Optional[Array] = None) -> dict:
     """ACT inference: {'logits' [B,T,V], 'q_logits' ([B,T,2] or [B,2]), 'steps' ([B,T] or [B]) int32,
     'z_L', 'z_H'}. Segments run until every example (position, for q_head_pool 'token') has halted;
     a halted one keeps its state, so its outputs are those of its own last segment."""
     c = self.config
     max_steps = halt_max_steps or c.halt_max_steps
-    ctx = self.context(tokens_BxT, padding_mask_BxT, positions_BxT)
+    ctx = self.context(tokens_BxT, padding_mask_BxT, positions_BxT, segment_ids_BxT)
     if self.is_initializing():
       return self._touch(ctx)
     b, t = tokens_BxT.shape
@@ -372,9 +374,11 @@ class HRM(nn.Module):
     return {"logits": logits, "q_logits": q, "steps": steps, "z_L": z_L, "z_H": z_H}
 
   def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
-               positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Array:
+               positions_BxT: Optional[Array] = None, deterministic: bool = True,
+               segment_ids_BxT: Optional[Array] = None) -> Array:
     del deterministic  # HRM has no dropout
-    return self.act(tokens_BxT, padding_mask_BxT=padding_mask_BxT, positions_BxT=positions_BxT)["logits"]
+    return self.act(tokens_BxT, padding_mask_BxT=padding_mask_BxT, positions_BxT=positions_BxT,
+                    segment_ids_BxT=segment_ids_BxT)["logits"]
 
   def single_pass(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
                   positions_BxT: Optional[Array] = None) -> Array:
@@ -390,15 +394,16 @@ class HRM(nn.Module):
     eval loss is the perplexity `score` reports; training follows train_mode."""
     inputs, targets = batch["inputs"], batch["targets"]
     weights = batch["weights"].astype(jnp.float32)
+    segments = batch.get("segment_ids")
     if deterministic:
-      xent = jnp.sum(_lm_losses(self(inputs), targets, "softmax") * weights)
+      xent = jnp.sum(_lm_losses(self(inputs, segment_ids_BxT=segments), targets, "softmax") * weights)
       return xent, jnp.sum(weights), {"xent": xent}
     if self.config.train_mode == "single":
-      return self._single_loss(inputs, targets, weights)
-    return self._act_loss(inputs, targets, weights)
+      return self._single_loss(inputs, targets, weights, segments)
+    return self._act_loss(inputs, targets, weights, segments)
 
-  def _single_loss(self, inputs, targets, weights):
-    ctx = self.context(inputs)
+  def _single_loss(self, inputs, targets, weights, segments=None):
+    ctx = self.context(inputs, segment_ids_BxT=segments)
     z_L, z_H = self.initial_state(*inputs.shape)
     _, z_H = self.segment(z_L, z_H, ctx)
     logits, _ = self.outputs(z_H, ctx.valid_BxT)
@@ -411,14 +416,14 @@ class HRM(nn.Module):
       sums["stablemax_xent"] = objective
     return sums
 
-  def _act_loss(self, inputs, targets, weights):
+  def _act_loss(self, inputs, targets, weights, segments=None):
     """Deep supervision over halt_max_steps segments (state detached between them); an example stops
     contributing once it halts. With q_learning, upstream's 0.5 * (BCE(q_halt, correct) +
     BCE(q_continue, sigmoid(q of one more segment: q_halt at the last step, else max))) is added, per token
     weight. That extra segment is one more scan iteration (one compiled segment, not two)."""
     c = self.config
     m = c.halt_max_steps
-    ctx = self.context(inputs)
+    ctx = self.context(inputs, segment_ids_BxT=segments)
     b, t = inputs.shape
     shape = self._halt_shape(b, t)
     # Exploration (upstream): with probability p an example may not halt before a random step in [2, m].

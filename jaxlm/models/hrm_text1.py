@@ -195,11 +195,12 @@ class HRMText1(nn.Module):
   @nn.compact
   def ponder(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
              positions_BxT: Optional[Array] = None, deterministic: bool = True,
-             return_hidden: bool = False) -> Dict[str, Array]:
+             return_hidden: bool = False, segment_ids_BxT: Optional[Array] = None) -> Dict[str, Array]:
     """Logits plus the pondering record: halt_probs [n_layers, M, B, T] (0 for steps after an early exit),
     n_updates [n_layers] (block-pair updates run), expected_updates [B, T] (the differentiable ponder cost).
     return_hidden: "hidden" (final-normed [B, T, D]) and "project" (hidden -> float32 logits over the padded
-    vocabulary, padding ids masked) instead of "logits", for the chunked loss."""
+    vocabulary, padding ids masked) instead of "logits", for the chunked loss. segment_ids_BxT: packed documents
+    (data.packing='documents') attend only within their own."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t = tokens_BxT.shape
@@ -210,7 +211,8 @@ class HRMText1(nn.Module):
                                                             c.vocab_size))
     zL = embed(tokens_BxT)
     mask = layers.attention_mask(positions_BxT, positions_BxT, causal=True, window=None,
-                                 k_valid_BxS=padding_mask_BxT)
+                                 k_valid_BxS=padding_mask_BxT, q_segment_BxT=segment_ids_BxT,
+                                 k_segment_BxS=segment_ids_BxT)
     if padding_mask_BxT is None or c.exit_over_padding:
       valid = jnp.ones((b, t), bool)
     else:
@@ -237,9 +239,10 @@ class HRMText1(nn.Module):
     return {"logits": project(x)[..., :c.vocab_size], **record}
 
   def __call__(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None,
-               positions_BxT: Optional[Array] = None, deterministic: bool = True) -> Array:
+               positions_BxT: Optional[Array] = None, deterministic: bool = True,
+               segment_ids_BxT: Optional[Array] = None) -> Array:
     return self.ponder(tokens_BxT, padding_mask_BxT=padding_mask_BxT, positions_BxT=positions_BxT,
-                       deterministic=deterministic)["logits"]
+                       deterministic=deterministic, segment_ids_BxT=segment_ids_BxT)["logits"]
 
   def halt_probs(self, tokens_BxT: Array, *, padding_mask_BxT: Optional[Array] = None) -> Array:
     """Halt head outputs [n_layers, halt_max_steps, B, T] (sigmoid, before the clip)."""
@@ -253,7 +256,7 @@ class HRMText1(nn.Module):
     """
     c = self.config
     out = self.ponder(batch["inputs"], padding_mask_BxT=batch.get("padding_mask"), deterministic=deterministic,
-                      return_hidden=True)
+                      return_hidden=True, segment_ids_BxT=batch.get("segment_ids"))
     xent, weight = losses.chunked_xent(out["hidden"], out["project"], batch["targets"], batch["weights"],
                                        chunk=c.xent_chunk)
     if c.ponder_loss == "count":
