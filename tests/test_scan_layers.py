@@ -21,16 +21,16 @@ def test_scanned_stack_equals_the_per_block_loop(windows, policy, impl):
   scanned = decoder.Decoder(dataclasses.replace(config, scan_layers=True))
   looped = decoder.Decoder(config)
   tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, 97)
-  stacked = nn.unbox(scanned.init(jax.random.key(1), tokens)["params"])
+  stacked = nn.unbox(jax.jit(scanned.init)(jax.random.key(1), tokens)["params"])
   assert stacked["layers"]["block"]["attn"]["query"]["kernel"].shape == (3, 32, 4, 8)
   per_block = layout.unstack_layers(stacked, 3)
   assert sorted(k for k in per_block if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
-  np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), looped.apply({"params": per_block}, tokens),
-                             atol=1e-6)
+  logits = lambda m, p: jax.jit(m.apply)({"params": p}, tokens)  # jitted: compiled once, not run op by op
+  np.testing.assert_allclose(logits(scanned, stacked), logits(looped, per_block), atol=1e-6)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones(tokens.shape)}
-  loss = lambda m, p: m.apply({"params": p}, batch, method="loss")[0]
-  g_scanned = layout.unstack_layers(jax.grad(lambda p: loss(scanned, p))(stacked), 3)
-  g_looped = jax.grad(lambda p: loss(looped, p))(per_block)
+  grad = lambda m, p: jax.jit(jax.grad(lambda p: m.apply({"params": p}, batch, method="loss")[0]))(p)
+  g_scanned = layout.unstack_layers(grad(scanned, stacked), 3)
+  g_looped = grad(looped, per_block)
   for got, want in zip(jax.tree.leaves(g_scanned), jax.tree.leaves(g_looped)):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
   # Layout round trip is exact.
