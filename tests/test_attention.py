@@ -204,12 +204,12 @@ def test_decoder_implementations_agree(window, causal):
                                  attention_impl="xla", xent_chunk=1000)
   tokens = jax.random.randint(jax.random.key(0), (2, 30), 0, 97)
   reference = decoder.Decoder(config)
-  params = reference.init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(reference.init)(jax.random.key(1), tokens)["params"]
   other = decoder.Decoder(dataclasses.replace(config, attention_impl="chunked", attention_block=8, xent_chunk=7))
-  np.testing.assert_allclose(other.apply({"params": params}, tokens), reference.apply({"params": params}, tokens),
-                             atol=TOL)
+  logits = lambda m: jax.jit(m.apply)({"params": params}, tokens)  # jitted: compiled once, not run op by op
+  np.testing.assert_allclose(logits(other), logits(reference), atol=TOL)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones(tokens.shape)}
-  grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, batch, method="loss")[0])(params)
+  grad = lambda m: jax.jit(jax.grad(lambda p: m.apply({"params": p}, batch, method="loss")[0]))(params)
   for got, want in zip(jax.tree.leaves(grad(other)), jax.tree.leaves(grad(reference))):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
 

@@ -45,20 +45,20 @@ def test_hrm_text1_pads_its_tied_table_and_computes_the_same():
                                     xent_chunk=4)
   padded = hrm_text1.HRMText1(config)
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 97)
-  params = jax.tree.map(np.array, nn.unbox(padded.init(jax.random.key(1), tokens)["params"]))
+  params = jax.tree.map(np.array, nn.unbox(jax.jit(padded.init)(jax.random.key(1), tokens)["params"]))
   assert params["embed"]["embedding"].shape == (128, 16) and not params["embed"]["embedding"][97:].any()
   model_dict, unpadded = layout.canonical({**config.to_dict(), "arch": "hrm_text1"}, params)
   plain = hrm_text1.HRMText1(hrm_text1.HRMText1Config.from_dict(model_dict))
   assert unpadded["embed"]["embedding"].shape == (97, 16)
-  want = plain.apply({"params": unpadded}, tokens)  # matmuls of other widths: float32 rounding, relative to the
-  np.testing.assert_allclose(padded.apply({"params": params}, tokens), want,  # largest logit (embedding std 1)
-                             atol=1e-6 * float(jnp.abs(want).max()))
+  logits = jax.jit(lambda p, model: model.apply({"params": p}, tokens), static_argnums=1)  # compiled, not op by op
+  want = logits(unpadded, plain)  # matmuls of other widths: float32 rounding, relative to the largest logit
+  np.testing.assert_allclose(logits(params, padded), want, atol=1e-6 * float(jnp.abs(want).max()))
   params["embed"]["embedding"][97:] = 3.0  # padding rows that would win every logit
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones(tokens.shape)}
-  loss_fn = lambda p, model: model.apply({"params": p}, batch, method="loss")[0]
-  loss, grads = jax.value_and_grad(loss_fn)(params, padded)
+  loss_fn = jax.jit(lambda p, model: model.apply({"params": p}, batch, method="loss")[0], static_argnums=1)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, padded)
   np.testing.assert_allclose(loss, loss_fn(unpadded, plain), rtol=1e-6)
-  assert int(jnp.argmax(padded.apply({"params": params}, tokens), -1).max()) < 97
+  assert int(jnp.argmax(logits(params, padded), -1).max()) < 97
   assert not np.asarray(grads["embed"]["embedding"])[97:].any()
 
 
