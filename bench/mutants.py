@@ -272,10 +272,9 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_attention.py"],
       ("jaxlm/models/losses.py", "(tiles(hidden_BxTxD), tiles(targets_BxT), tiles(weights_BxT)))",
        "(tiles(hidden_BxTxD)[:-1], tiles(targets_BxT)[:-1], tiles(weights_BxT)[:-1]))")),
-    m("padded-vocab-not-masked", "padded vocabulary ids take part in the softmax",
+    m("padded-vocab-not-masked", "padded vocabulary ids take part in the softmax (decoders and HRM-Text1)",
       ["tests/test_vocab_padding.py"],
-      ("jaxlm/models/decoder.py", "      if c.padded_vocab > c.vocab_size:  # padding ids never win",
-       "      if False:  # padding ids never win")),
+      ("jaxlm/models/layers.py", "  if logits_xV.shape[-1] == vocab_size:\n", "  if True:\n")),
     m("scanned-layers-ignore-their-windows", "scanned layers with different windows all use full attention",
       ["tests/test_scan_layers.py"],
       ("jaxlm/models/decoder.py", "      spec = spec.replace(layer_window=window)", "      pass")),
@@ -299,10 +298,6 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_shardings.py", "-k", "activations"],
       ("jaxlm/models/decoder.py", "table_VxD = sharding.constrain(embed.embedding, (layers.VOCAB, None))",
        "table_VxD = embed.embedding")),
-    m("hrm-text1-padded-logits-not-masked", "HRM-Text1's padded vocabulary ids keep their logits",
-      ["tests/test_vocab_padding.py", "-k", "hrm_text1"],
-      ("jaxlm/models/hrm_text1.py", "      if c.padded_vocab > c.vocab_size:  # padding ids never win",
-       "      if False:  # padding ids never win")),
 ]
 
 

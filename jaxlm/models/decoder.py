@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import sharding
-from jaxlm.models import attention, layers, losses
+from jaxlm.models import attention, layers, layout, losses
 from jaxlm.models.config_base import ModelConfigBase, register
 
 Array = jax.Array
@@ -107,7 +107,7 @@ class DecoderConfig(ModelConfigBase):
 
   @property
   def padded_vocab(self) -> int:
-    return -(-self.vocab_size // max(self.vocab_multiple, 1)) * max(self.vocab_multiple, 1)
+    return layout.padded_vocab(self.vocab_size, self.vocab_multiple)
 
   @property
   def resolved_remat_policy(self) -> str:
@@ -287,9 +287,7 @@ class Decoder(nn.Module):
       if bias_V is not None:
         logits = logits + bias_V.astype(logits.dtype)
       logits = sharding.constrain(logits.astype(jnp.float32), RESIDUAL[:-1] + (layers.VOCAB,))
-      if c.padded_vocab > c.vocab_size:  # padding ids never win (kept in the array: the vocab axis stays even)
-        logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, jnp.finfo(jnp.float32).min)
-      return logits
+      return layers.mask_padding_ids(logits, c.vocab_size)
 
     return project
 

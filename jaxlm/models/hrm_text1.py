@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import layers, losses
+from jaxlm.models import layers, layout, losses
 from jaxlm.models.config_base import ModelConfigBase, register
 
 Array = jax.Array
@@ -67,7 +67,7 @@ class HRMText1Config(ModelConfigBase):
 
   @property
   def padded_vocab(self) -> int:
-    return -(-self.vocab_size // max(self.vocab_multiple, 1)) * max(self.vocab_multiple, 1)
+    return layout.padded_vocab(self.vocab_size, self.vocab_multiple)
 
   def validate(self):
     super().validate()
@@ -230,9 +230,7 @@ class HRMText1(nn.Module):
 
     def project(h):  # tied head: the original's lm_head is the embedding
       logits = jnp.einsum("...d,vd->...v", h.astype(dtype), table_VxD.astype(dtype)).astype(jnp.float32)
-      if c.padded_vocab > c.vocab_size:  # padding ids never win
-        logits = jnp.where(jnp.arange(c.padded_vocab) < c.vocab_size, logits, jnp.finfo(jnp.float32).min)
-      return logits
+      return layers.mask_padding_ids(logits, c.vocab_size)
 
     if return_hidden:
       return {"hidden": x, "project": project, **record}

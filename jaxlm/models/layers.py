@@ -41,6 +41,14 @@ def _init_real_vocab(stddev: float, names: tuple, vocab_size: int):
   return nn.with_logical_partitioning(init, names)
 
 
+def mask_padding_ids(logits_xV: Array, vocab_size: int) -> Array:
+  """Logits whose padding ids (model.vocab_multiple's rows from `vocab_size` on) never win: set to float32's
+  lowest. They stay in the array, so the vocabulary axis keeps its evenly sharded, padded width."""
+  if logits_xV.shape[-1] == vocab_size:
+    return logits_xV
+  return jnp.where(jnp.arange(logits_xV.shape[-1]) < vocab_size, logits_xV, jnp.finfo(jnp.float32).min)
+
+
 def _zeros(names: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 

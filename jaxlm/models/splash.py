@@ -78,7 +78,7 @@ def _kernel(spec, heads: int, length: int, block: int, mqa: bool, interpret: boo
                             block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
   mask = masks.MultiHeadMask([_head_mask(spec, length) for _ in range(heads)])
   make = kernel.make_splash_mqa_single_device if mqa else kernel.make_splash_mha_single_device
-  return make(mask, block_sizes=sizes, interpret=interpret), kernel.SegmentIds
+  return make(mask, block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, spec, *, block: int = 512,
@@ -94,15 +94,16 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, spec,
   q_BxNxTxH = (q_BxTxNxH * jnp.asarray(1.0 / math.sqrt(h), q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
   k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
   segments = _segment_ids(spec, b, t)
+  from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
   def local(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, *segment_arrays):
     """On one device's rows (and heads): the kernel per example, per kv head when the heads are grouped."""
     n_local, kv_local = q_BxNxTxH.shape[1], k_BxKxSxH.shape[1]
     mqa = n_local != kv_local
-    kernel, segment_ids = _kernel(spec, n_local // kv_local if mqa else n_local, t, block, mqa, interpret)
+    kernel = _kernel(spec, n_local // kv_local if mqa else n_local, t, block, mqa, interpret)
 
     def one_example(q_NxTxH, k_KxSxH, v_KxSxH, *ids):
-      seg = segment_ids(*ids) if ids else None
+      seg = SegmentIds(*ids) if ids else None
       if not mqa:
         return kernel(q_NxTxH, k_KxSxH, v_KxSxH, segment_ids=seg)
       q_KxGxTxH = q_NxTxH.reshape(kv_local, -1, t, h)
