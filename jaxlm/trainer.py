@@ -340,9 +340,7 @@ class Trainer:
     probe = init_lib.probe_windows(self.config.data, tokenizer, n_old, self.tc.seq_len)
     growth = vocab_growth.grow_checked(self.parent.model_dict, self.parent.params, n_new - n_old, probe)
     self.vocab_growth = {"kind": "vocab", "step": 0, "vocab_before": n_old, "vocab_after": n_new,
-                         "added": tokenizer.decode(list(range(n_old, n_new))), "at": lineage.now(),
-                         **{k: v for k, v in growth.figures.items() if k != "old_logits_bit_equal"},
-                         "old_logits_bit_equal": growth.figures["old_logits_bit_equal"]}
+                         "added": tokenizer.decode(list(range(n_old, n_new))), "at": lineage.now(), **growth.figures}
     log.info("vocabulary grown %d -> %d ids: %s", n_old, n_new, growth.figures)
     return growth.params
 
