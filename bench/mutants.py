@@ -55,8 +55,8 @@ _DECODER_POST_NORM = (  # x = norm(x + f(x)) instead of x = x + f(norm(x)), both
      '    x_BxTxD = attn_norm(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))\n'
      '    mlp_norm = layers.make_norm(c.norm, c.norm_eps, dtype, "mlp_norm")\n    h = x_BxTxD'),
     ("jaxlm/models/decoder.py",
-     '    x_BxTxD = x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)\n    return x_BxTxD if',
-     '    x_BxTxD = mlp_norm(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))\n    return x_BxTxD if'))
+     '    x_BxTxD = constrain_residual(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic))\n',
+     '    x_BxTxD = constrain_residual(mlp_norm(x_BxTxD + nn.Dropout(c.dropout)(h, deterministic=deterministic)))\n'))
 _DECODER_TESTS = ["tests/test_convert_families.py", "tests/test_score.py", "tests/test_generate.py"]
 
 MUTATIONS: List[Mutation] = [
