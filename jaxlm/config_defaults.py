@@ -42,6 +42,8 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.data.loss_on = "all"                # all | response (assistant turns, Dolly responses)
   c.data.fraction = 1.0                 # share of the train split used
   c.data.mixture = ""                   # 'CORPUS=WEIGHT,CORPUS=WEIGHT' (replaces corpus); '' = data.corpus alone
+  c.data.replay = 0.0                   # share of training examples replayed from earlier corpora (against forgetting)
+  c.data.replay_corpus = ""             # 'a,b': what is replayed; '' = the corpora of train.init_from's history
 
   c.opt = ml_collections.ConfigDict()
   c.opt.name = "adamw"                  # adamw | adafactor

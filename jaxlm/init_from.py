@@ -179,7 +179,10 @@ def grown_tokenizer(parent: Parent, data_cfg):
   tokenizer = tokenizers.load_tokenizer(parent.tokenizer_dir)
   if not hasattr(tokenizer, "extended"):
     return None
-  grown = tokenizer.extended(sources.load_text(str(data_cfg.corpus), data_cfg.text_field, data_cfg.format))
+  from jaxlm.data import prepared
+  texts = [sources.load_text(str(settings["corpus"]), settings["text_field"], settings["format"])
+           for settings, _ in prepared.components(data_cfg)]  # replayed and mixed corpora included
+  grown = tokenizer.extended("".join(texts))
   if grown.vocab_size == tokenizer.vocab_size:
     return None
   if int(parent.model_dict["vocab_size"]) != tokenizer.vocab_size:

@@ -157,6 +157,7 @@ class Trainer:
       self._set_aside_previous_run()
 
     self.checkpointer = ckpt_lib.RunCheckpointer(self.workdir, keep=tc.keep_checkpoints)
+    self._fill_replay_corpus(config.data)
     self.prepared_roots = self._prepared_dataset(data_lib)
     tokenizer = self._shared_tokenizer(data_lib)
     self.vocab_growth = None
@@ -219,6 +220,21 @@ class Trainer:
         self.parent = None
     return False
 
+  def _fill_replay_corpus(self, data_cfg) -> None:
+    """data.replay without data.replay_corpus replays what the model was trained on before: the corpora of the
+    init_from parent's history (a resumed run: of its own history's earlier entries)."""
+    from jaxlm.data import prepared
+    if float(data_cfg.get("replay", 0.0) or 0.0) <= 0 or str(data_cfg.get("replay_corpus", "") or "").strip():
+      return
+    if self.parent is not None:
+      earlier = lineage.read(self.parent.path)
+    else:
+      earlier = lineage.read(self.workdir)[:-1] if fs.exists(fs.join(self.workdir, "checkpoints")) else []
+    data_cfg.replay_corpus = ",".join(prepared.earlier_corpora(earlier))
+    if prepared.replay_specs(data_cfg):
+      log.info("data.replay=%s of the examples come from earlier corpora: %s", data_cfg.replay,
+               ", ".join(prepared.replay_specs(data_cfg)))
+
   def _set_aside_previous_run(self) -> None:
     """'fresh' in a workdir that holds a run: its files move to workdir/previous-TIME/ (nothing is deleted)."""
     if self.primary:
@@ -238,10 +254,14 @@ class Trainer:
       kept = lineage.read(self.workdir)
       if kept:
         return kept
+    from jaxlm.data import prepared
     parent = lineage.read(self.parent.path) if self.parent is not None else []
-    return parent + [lineage.entry(str(self.config.data.corpus), vocab_size=int(self.model_dict["vocab_size"]),
-                                   params=self.n_params,
-                                   origin=self.parent.path if self.parent is not None else None)]
+    stage = lineage.entry(prepared.label(self.config.data), vocab_size=int(self.model_dict["vocab_size"]),
+                          params=self.n_params, origin=self.parent.path if self.parent is not None else None)
+    replayed = prepared.replay_specs(self.config.data) if float(self.config.data.get("replay", 0.0) or 0.0) else []
+    if replayed:
+      stage["replay"] = {"fraction": float(self.config.data.replay), "corpora": replayed}
+    return parent + [stage]
 
   def _write_config(self, step: Optional[int] = None, finished: bool = False) -> None:
     """config.json (primary only): the model, the config, the tokenizer's place and the history so far."""
@@ -439,27 +459,36 @@ class Trainer:
     """The prepared dataset(s) the config reads (jaxlm.data.prepared): the primary finds it or prepares it (with the
     run's tokenizer when resuming); the others find what it made, so no process tokenizes on a resume."""
     problem = None
+    tokenizer_dir = fs.join(self.workdir, "tokenizer")
     if self.primary:
       try:
-        tokenizer_dir = fs.join(self.workdir, "tokenizer")
         if self.parent is not None and not fs.exists(fs.join(tokenizer_dir, "tokenizer.json")):
           # A new run from a parent tokenizes with the parent's tokenizer, grown by the characters of this corpus
           # it lacks (vocabulary growth, see jaxlm.vocab_growth): written before the data is prepared with it.
           init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
         saved = (data_lib.load_tokenizer(fs.local_dir(tokenizer_dir))
                  if fs.exists(fs.join(tokenizer_dir, "tokenizer.json")) else None)
-        data_lib.prepared.ensure_all(self.config.data, tokenizer=saved, progress=self.tc.progress)
+        data_lib.prepared.ensure_all(self.config.data, tokenizer=saved, progress=self.tc.progress,
+                                     tokenizer_digest=self._tokenizer_digest(saved))
       except Exception as e:  # noqa: BLE001: re-raised below, after telling the other processes
         problem = e
     if distributed.any_process(problem is not None):
       raise problem if problem is not None else RuntimeError("process 0 could not prepare the data (see its log)")
-    roots = data_lib.prepared.find_all(self.config.data)
+    digest = self._tokenizer_digest(
+        data_lib.load_tokenizer(fs.local_dir(tokenizer_dir)) if self.parent is not None else None)
+    roots = data_lib.prepared.find_all(self.config.data, digest)
     if roots is None:
       raise FileNotFoundError(
           f"process {jax.process_index()} cannot see the dataset process 0 prepared under "
           f"{data_lib.prepared.cache_dir(self.config.data)}: data.cache_dir must be storage every process shares "
           "(NFS), or run python -m jaxlm.prepare with the same config on every host first")
     return roots
+
+  def _tokenizer_digest(self, saved) -> str:
+    """A run from a parent tokenizes with the parent's (grown) vocabulary, not the one the config would learn:
+    its prepared datasets are keyed by that vocabulary too, so a fresh run on the same corpus never reads them."""
+    from jaxlm.data.tokenizers import digest
+    return digest(saved) if self.parent is not None and saved is not None else ""
 
   def _shared_tokenizer(self, data_lib):
     """The run's tokenizer: the primary loads the saved one or builds and saves it; the others load what it

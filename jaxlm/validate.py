@@ -146,6 +146,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "cache_dir": STRING, "tfds_data_dir": STRING, "language": STRING, "mixture": STRING,
           "min_chars": integer(0, note="0 = keep every document"), "loss_on": choice(*sources.LOSS_ON),
           "fraction": number(0, 1, low_open=True),
+          "replay": number(0, 1, high_open=True), "replay_corpus": STRING,
           "vocab_size": integer(0, note="0 = the tokenizer's"),
           "val_fraction": number(0, 1, high_open=True),
           "eval_batches": integer(0, note="0 = all"),

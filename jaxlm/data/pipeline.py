@@ -43,6 +43,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "loss_on": "all",             # all | response (assistant turns / Dolly responses only)
       "fraction": 1.0,              # share of the train split used (its first part)
       "mixture": "",                # 'CORPUS=WEIGHT,CORPUS=WEIGHT': examples drawn from each in proportion; '' = corpus
+      "replay": 0.0,                # share of training examples from data.replay_corpus (earlier data, against forgetting)
+      "replay_corpus": "",          # 'a,b': corpora replayed; '' = those of the train.init_from parent's history
   })
 
 
@@ -302,7 +304,7 @@ def build_prepared_data(roots, data_cfg, *, seq_len: int, batch_size: int, seed:
                          float(cfg["fraction"]))
     if not len(split.train_ids()):
       raise _too_short("train", part["corpus"], split.train_tokens, seq_len, cfg["val_fraction"])
-    if cfg["val_fraction"] > 0 and not len(split.val_ids()):
+    if cfg["val_fraction"] > 0 and not len(split.val_ids()) and not part.get("replay_component"):
       raise _too_short("validation", part["corpus"], split.val_tokens, seq_len, cfg["val_fraction"])
     splits.append(split)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -313,8 +315,10 @@ def build_prepared_data(roots, data_cfg, *, seq_len: int, batch_size: int, seed:
     dataset = loader.mixture_dataset(roots, splits, [w for _, w in parts], batch_size=batch_size, seed=seed,
                                      rows=rows, start_batch=start_batch, pad_id=pad_id)
   eval_batch_size = eval_batch_size or batch_size
+  # Validation reads the corpora the run is for: replayed ones are trained on only.
   evals = [loader.EvalBatches(root, split, batch_size=eval_batch_size, max_batches=int(cfg["eval_batches"]),
-                              rows=eval_rows, pad_id=pad_id) for root, split in zip(roots, splits)]
+                              rows=eval_rows, pad_id=pad_id)
+           for root, split, (part, _) in zip(roots, splits, parts) if not part.get("replay_component")]
   return DataBundle(tokenizer=tokenizer, train_iter=train_iterator(dataset),
                     eval_batches=lambda: evals[0] if len(evals) == 1 else _Chained(evals),
                     train_tokens=sum(s.train_tokens for s in splits), val_tokens=sum(s.val_tokens for s in splits),

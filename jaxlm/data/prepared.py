@@ -23,7 +23,7 @@ import shutil
 import socket
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from jaxlm.data import catalog
 from jaxlm.data import records as records_lib
@@ -71,11 +71,29 @@ def _settings(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 def components(data_cfg: Mapping[str, Any]) -> List[tuple]:
   """[(data settings of one corpus, weight)]: data.corpus alone (weight 1), or each 'SPEC=WEIGHT' of
-  data.mixture ('c4_sample=3,alice=1'), all with the data section's other settings and one vocabulary."""
+  data.mixture ('c4_sample=3,alice=1'), all with the data section's other settings and one vocabulary. With
+  data.replay = r > 0 the corpora of data.replay_corpus join them, sharing r of the examples (the others share
+  1 - r in their own proportions); their settings carry "replay": True (trained on, not evaluated)."""
   values = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
   mixture = str(values.get("mixture") or "").strip()
-  if not mixture:
+  parts = _mixture_parts(mixture) if mixture else [(str(values["corpus"]), 1.0)]
+  replay = float(values.get("replay") or 0.0)
+  old = replay_specs(values) if replay > 0 else []
+  if replay > 0 and not old:
+    raise ValueError(f"data.replay={replay}: no corpus to replay; set data.replay_corpus (a run from "
+                     "train.init_from fills it with the corpora of the parent's history)")
+  if not mixture and not old:
     return [(values, 1.0)]
+  total = sum(w for _, w in parts)
+  weighted = ([(spec, w * (1.0 - replay) / total, False) for spec, w in parts]
+              + [(spec, replay / len(old), True) for spec in old])
+  specs = [spec for spec, _, _ in weighted]
+  vocab_from = specs if _LEARNS_VOCAB(_settings(values)) else []
+  return [({**values, "corpus": spec, "mixture": "", "replay": 0.0, "replay_corpus": "", "vocab_from": vocab_from,
+            "replay_component": is_replay}, weight) for spec, weight, is_replay in weighted]
+
+
+def _mixture_parts(mixture: str) -> List[tuple]:
   parts = []
   for item in mixture.split(","):
     spec, sep, weight = item.strip().rpartition("=")
@@ -87,9 +105,40 @@ def components(data_cfg: Mapping[str, Any]) -> List[tuple]:
       raise ValueError(f"data.mixture={mixture!r}: expected 'CORPUS=WEIGHT,CORPUS=WEIGHT' with weights > 0, "
                        f"got {item.strip()!r}")
     parts.append((spec, weight))
-  specs = [spec for spec, _ in parts]
-  return [({**values, "corpus": spec, "mixture": "", "vocab_from": specs if _LEARNS_VOCAB(_settings(values)) else []},
-           weight) for spec, weight in parts]
+  return parts
+
+
+def trained_specs(data_cfg: Mapping[str, Any]) -> List[str]:
+  """The corpora data.corpus / data.mixture names (what a history entry records them as: see `label`)."""
+  mixture = str(data_cfg.get("mixture") or "").strip()
+  return [spec for spec, _ in _mixture_parts(mixture)] if mixture else [str(data_cfg.get("corpus"))]
+
+
+def label(data_cfg: Mapping[str, Any]) -> str:
+  """How a history entry names what a run trains on: data.mixture when set, else data.corpus."""
+  return str(data_cfg.get("mixture") or "").strip() or str(data_cfg.get("corpus"))
+
+
+def replay_specs(data_cfg: Mapping[str, Any]) -> List[str]:
+  """The corpora of data.replay_corpus ('a,b') that the run does not already train on, each once."""
+  current = set(trained_specs(data_cfg))
+  specs = []
+  for spec in str(data_cfg.get("replay_corpus") or "").split(","):
+    spec = spec.strip()
+    if spec and spec not in current and spec not in specs:
+      specs.append(spec)
+  return specs
+
+
+def earlier_corpora(history: Sequence[Mapping[str, Any]]) -> List[str]:
+  """The corpora a lineage's entries trained on (a mixture's components each), oldest first, each once."""
+  specs = []
+  for entry in history:
+    name = str(entry.get("corpus") or "").strip()
+    for spec in ([s for s, _ in _mixture_parts(name)] if "=" in name else [name]):
+      if spec and spec not in specs:
+        specs.append(spec)
+  return specs
 
 
 def _source_identity(settings: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -103,43 +152,48 @@ def _source_identity(settings: Mapping[str, Any]) -> List[Dict[str, Any]]:
   return identity
 
 
-def dataset_key(data_cfg: Mapping[str, Any]) -> str:
-  """'<corpus>-<tokenizer>-<hash>': the cache directory name of what `data_cfg` reads."""
+def dataset_key(data_cfg: Mapping[str, Any], tokenizer_digest: str = "") -> str:
+  """'<corpus>-<tokenizer>-<hash>': the cache directory name of what `data_cfg` reads. `tokenizer_digest`
+  (tokenizers.digest of a given vocabulary, e.g. one grown from a parent's) keeps datasets tokenized with it
+  apart from those tokenized with the vocabulary the config would make."""
   settings = _settings(data_cfg)
   identity = {"format_version": FORMAT_VERSION, "record_tokens": records_lib.DEFAULT_RECORD_TOKENS,
               "sources": _source_identity(settings),
               **{k: settings[k] for k in _FIELDS if k not in ("corpus", "tfds_data_dir")}}
   if settings.get("vocab_from"):  # a mixture's shared vocabulary depends on every component
     identity["vocab_from"] = [_source_identity({**settings, "corpus": spec}) for spec in settings["vocab_from"]]
+  if tokenizer_digest:
+    identity["tokenizer_digest"] = tokenizer_digest
   digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
   slug = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(str(settings["corpus"]).rstrip("/")))[:40].strip("_.")
   return f"{slug or 'corpus'}-{settings['tokenizer']}-{digest}"
 
 
-def find(data_cfg: Mapping[str, Any]) -> Optional[str]:
+def find(data_cfg: Mapping[str, Any], tokenizer_digest: str = "") -> Optional[str]:
   """The prepared dataset directory for `data_cfg`, or None when it has not been prepared (completely)."""
-  root = os.path.join(cache_dir(data_cfg), dataset_key(data_cfg))
+  root = os.path.join(cache_dir(data_cfg), dataset_key(data_cfg, tokenizer_digest))
   return root if os.path.isfile(os.path.join(root, store_lib.META_FILE)) else None
 
 
 def ensure(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Tokenizer] = None, progress: bool = True,
-           workers: Optional[int] = None) -> str:
+           workers: Optional[int] = None, tokenizer_digest: str = "") -> str:
   """The prepared dataset directory for `data_cfg`, preparing it first if needed."""
-  return find(data_cfg) or prepare(data_cfg, tokenizer=tokenizer, progress=progress, workers=workers)
+  return find(data_cfg, tokenizer_digest) or prepare(data_cfg, tokenizer=tokenizer, progress=progress,
+                                                     workers=workers, tokenizer_digest=tokenizer_digest)
 
 
-def find_all(data_cfg: Mapping[str, Any]) -> Optional[List[str]]:
+def find_all(data_cfg: Mapping[str, Any], tokenizer_digest: str = "") -> Optional[List[str]]:
   """The prepared dataset of every component (see `components`), or None if one is missing."""
-  roots = [find(settings) for settings, _ in components(data_cfg)]
+  roots = [find(settings, tokenizer_digest) for settings, _ in components(data_cfg)]
   return None if None in roots else roots
 
 
 def ensure_all(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Tokenizer] = None,
-               progress: bool = True) -> List[str]:
+               progress: bool = True, tokenizer_digest: str = "") -> List[str]:
   """`ensure` for every component; all are tokenized with the first one's tokenizer."""
   roots = []
   for settings, _ in components(data_cfg):
-    roots.append(ensure(settings, tokenizer=tokenizer, progress=progress))
+    roots.append(ensure(settings, tokenizer=tokenizer, progress=progress, tokenizer_digest=tokenizer_digest))
     tokenizer = tokenizer or load_tokenizer(roots[0])
   return roots
 
@@ -202,14 +256,16 @@ def _remove_abandoned(parent: str, key: str) -> None:
 
 
 def prepare(data_cfg: Mapping[str, Any], *, tokenizer: Optional[tokenizers.Tokenizer] = None, progress: bool = True,
-            workers: Optional[int] = None) -> str:
+            workers: Optional[int] = None, tokenizer_digest: str = "") -> str:
   """Tokenizes the corpus `data_cfg` names into the cache (see the module docstring); returns the directory.
 
   `tokenizer` (e.g. a resumed run's) is used instead of making one. `workers`: tokenizer processes (None: the
   CPU count for corpora over PARALLEL_MIN_BYTES, else none)."""
   started = time.perf_counter()
   settings = _settings(data_cfg)
-  key = dataset_key(data_cfg)
+  if tokenizer_digest and (tokenizer is None or tokenizers.digest(tokenizer) != tokenizer_digest):
+    raise ValueError(f"a dataset keyed by tokenizer digest {tokenizer_digest} must be prepared with that tokenizer")
+  key = dataset_key(data_cfg, tokenizer_digest)
   parent = cache_dir(data_cfg)
   final = os.path.join(parent, key)
   os.makedirs(parent, exist_ok=True)

@@ -79,6 +79,18 @@ class Tokenizer(abc.ABC):
     return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, bos={self.bos_id})"
 
 
+def digest(tokenizer: Tokenizer) -> str:
+  """A short hash of everything `tokenizer.save` writes: equal digests, equal tokenizers."""
+  hasher = hashlib.sha256()
+  with tempfile.TemporaryDirectory(prefix="jaxlm-tokenizer-digest-") as directory:
+    tokenizer.save(directory)
+    for name in sorted(os.listdir(directory)):
+      hasher.update(name.encode() + b"\0")
+      with open(os.path.join(directory, name), "rb") as f:
+        hasher.update(f.read())
+  return hasher.hexdigest()[:16]
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """Rebuilds the tokenizer that `Tokenizer.save(directory)` wrote."""
   path = os.path.join(directory, TOKENIZER_FILE)
