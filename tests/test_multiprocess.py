@@ -29,7 +29,9 @@ def _values(rows):
 def test_two_processes_give_the_same_losses_as_one(tmp_path):
   """The same 6 steps (and 2 evaluations) on 1 process x 8 devices and 2 x 4: a decoder on a data x fsdp x model
   mesh (every kind of axis in one run), HRM on fsdp (parameters sharded across the processes). The data mesh: 150
-  steps in the preemption test below (2 x 4 against 1 x 1); 1 x 1 against 1 x 8: the cross-topology test."""
+  steps in the preemption test below (2 x 4 against 1 x 1); 1 x 1 against 1 x 8: the cross-topology test. Then a
+  decoder trained on Alice is continued on tiny Shakespeare (issue 13: its vocabulary grows, half the examples
+  replay Alice, a block is added after 256 characters, samples are drawn): the same losses on both topologies."""
   cases = [("yinggem", "data_fsdp_model"), ("hrm", "fsdp")]
 
   def tasks(where):
@@ -37,8 +39,27 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
              "train": {"steps": 6, "eval_every": 3}, "model": ONE_LAYER if family == "yinggem" else {},
              "workdir": str(tmp_path / where / f"{family}-{mesh}")} for family, mesh in cases]
 
-  one = run_tasks(tasks("1x8"), processes=1, devices=8)
-  two = run_tasks(tasks("2x4"), processes=2, devices=4)
+  def continual(where):  # a parent on Alice, continued on Shakespeare: vocabulary growth, replay, depth growth
+    parent = str(tmp_path / where / "parent")
+    return [{"name": "parent", "model": ONE_LAYER, "data": {"corpus": "alice"}, "mesh": MESHES["data"],
+             "train": {"steps": 2, "eval_every": 0}, "workdir": parent},
+            {"name": "continued", "mesh": MESHES["data_fsdp_model"], "data": {"corpus": "tinyshakespeare", "replay": 0.5},
+             "train": {"steps": 4, "eval_every": 2, "init_from": parent, "on_new_corpus": "continue",
+                       "grow_every_chars": 2 * 8 * 16, "sample_every": 2, "sample_tokens": 4},
+             "workdir": str(tmp_path / where / "continued")}]
+
+  one = run_tasks(tasks("1x8") + continual("1x8"), processes=1, devices=8)
+  two = run_tasks(tasks("2x4") + continual("2x4"), processes=2, devices=4)
+  import json
+  for where in ("1x8", "2x4"):
+    stage = json.loads((tmp_path / where / "continued" / "config.json").read_text())["history"][-1]
+    assert stage["replay"]["corpora"] == ["alice"] and stage["from"] == str(tmp_path / where / "parent")
+    assert [e["kind"] for e in stage["events"]] == ["vocab", "layers"], stage["events"]
+  for name in ("parent", "continued"):
+    diff = np.abs(np.subtract(_values(two[name]["losses"]), _values(one[name]["losses"]))).max()
+    eval_diff = np.abs(np.subtract(_values(two[name]["evals"]), _values(one[name]["evals"]))).max() if one[name]["evals"] else 0
+    print(f"\n{name}: max |loss 2x4 - loss 1x8| = {diff:.2e}, eval {eval_diff:.2e}")
+    assert len(two[name]["losses"]) == (2 if name == "parent" else 4) and diff <= 1e-5 and eval_diff <= 1e-5
   for family, mesh in cases:
     name = f"{family}-{mesh}"
     assert one[name]["devices"] == two[name]["devices"] == 8
