@@ -46,7 +46,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.data.replay_corpus = ""             # 'a,b': what is replayed; '' = the corpora of train.init_from's history
 
   c.opt = ml_collections.ConfigDict()
-  c.opt.name = "adamw"                  # adamw | adafactor
+  c.opt.name = "adamw"                  # adamw | adafactor | muon (block matrices; AdamW for the rest)
   c.opt.lr = 1e-3
   c.opt.schedule = "cosine"             # cosine | linear | constant | rsqrt_relative
   c.opt.warmup_steps = 100
@@ -58,6 +58,8 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.opt.weight_decay_on = "matrices"    # matrices | all
   c.opt.clip_norm = 1.0                 # 0 disables clipping
   c.opt.grad_accum = 1                  # microbatches per step (batch_size must divide)
+  c.opt.adam_lr = 0.0                   # muon: AdamW's lr for embeddings, head, norms, biases; 0 = opt.lr
+  c.opt.muon_momentum = 0.95            # muon: momentum of the orthogonalised updates
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000
@@ -67,6 +69,9 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.save_every = 500
   c.train.log_every = 50
   c.train.eval_batch_size = 0           # windows per validation batch; 0 = batch_size
+  c.train.eval_windows = 0              # evaluations during training read this many random validation windows
+                                        # (the same each time); the last one reads all. 0 = all every time
+  c.train.target_eval_loss = 0.0        # stop once the whole validation split's loss is <= this; 0 = off
   c.train.seed = 1337
   c.train.keep_checkpoints = 3          # last K kept; the best by eval loss is kept separately
   c.train.patience = 0                  # early stopping after this many evals without improvement; 0 = off
@@ -91,6 +96,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.model = 1
   c.mesh.rules = ()                     # () = sharding.DEFAULT_RULES
+  c.mesh.cpu_devices = 1                # CPU only, one process: XLA devices (-1 = one per core; jaxlm/host_devices.py)
   return c
 
 

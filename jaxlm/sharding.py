@@ -74,6 +74,8 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
   def one(path, leaf):
     if not isinstance(leaf, nn.LogicallyPartitioned):
       return NamedSharding(mesh, P())
+    if not hasattr(leaf.value, "shape"):  # a box around an empty node (optax.MaskedNode in Muon's AdamW half)
+      return leaf.value
     shape, where = tuple(leaf.value.shape), _param_path(path)
     names = _state_names(where, tuple(leaf.names), shape, param_shapes)
     spec, undivided = _spec(shape, names, rules, mesh)

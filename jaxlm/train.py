@@ -47,7 +47,10 @@ def unknown_overrides(argv) -> list:
 
 
 def _train() -> int:
-  from jaxlm import distributed, errors
+  from jaxlm import compile_cache, distributed, errors, host_devices
+  compile_cache.enable()
+  if _NUM_PROCESSES.value is None and distributed.detected_cluster() is None:  # one process: one device per core
+    host_devices.configure(_CONFIG.value)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not distributed.is_primary():  # one log for the run: the others speak only of problems
     logging.getLogger().setLevel(logging.WARNING)

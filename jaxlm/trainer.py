@@ -169,7 +169,7 @@ class Trainer:
       auto_grow.check_growable(model_dict)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
-    self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps)
+    self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps, self._param_names())
     self.base_rng = jax.random.key(tc.seed)
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(config.mesh))
@@ -194,6 +194,7 @@ class Trainer:
     self._write_config()
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
+    self._eval_subset = None  # train.eval_windows' batches, on the devices
     self._unchecked_flags = []  # metrics["nonfinite"] of the steps not yet read back
 
   # ---------------------------------------------------------------------------------------- setup pieces
@@ -422,7 +423,7 @@ class Trainer:
     changed = sorted(k for k in now_opt if k in saved_opt and saved_opt[k] != now_opt[k])
 
     def opt_leaves(opt_values):
-      optimizer, _ = optim.make_optimizer(ml_collections.ConfigDict(opt_values), self.tc.steps)
+      optimizer, _ = optim.make_optimizer(ml_collections.ConfigDict(opt_values), self.tc.steps, self._param_names())
       return checksum.leaf_names(jax.eval_shape(optimizer.init, abstract_state.params))
 
     saved_leaves = opt_leaves(saved_opt) if saved_opt else None
@@ -449,6 +450,12 @@ class Trainer:
     self.eval_fn = jax.jit(on_mesh(functools.partial(eval_step, module=self.module)),
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)
+
+  def _param_names(self) -> Dict[tuple, Any]:
+    """{key path: logical axis names} of the model's parameters (abstract: nothing is computed)."""
+    boxed = jax.eval_shape(self.module.init, jax.random.key(0), jnp.zeros((1, self.tc.seq_len), jnp.int32))
+    flat = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    return {tuple(getattr(p, "key", None) for p in path): getattr(x, "names", None) for path, x in flat}
 
   def _init_state(self, rng):
     dummy = jnp.zeros((1, self.tc.seq_len), jnp.int32)
@@ -517,15 +524,32 @@ class Trainer:
   def _global(self, batch, batch_size: int) -> Dict[str, jax.Array]:
     return sharding.global_batch(batch, self.batch_sh, batch_size)
 
-  def evaluate(self, params) -> float:
-    """Mean token cross-entropy over the validation batches; summed on the devices, one read at the end."""
-    if self._eval_batches is None:
-      self._eval_batches = self.data.eval_batches()
+  def evaluate(self, params, full: bool = True) -> float:
+    """Mean token cross-entropy over the whole validation split (`full`), or over the train.eval_windows random
+    windows evaluations during training read (the same each time, kept on the devices after the first); summed
+    on the devices, one read at the end."""
     totals = jax.device_put(np.zeros((2,), np.float32), sharding.replicated(self.mesh))  # as eval_fn returns it
-    for batch in self._eval_batches:
-      totals = self.eval_fn(params, self._global(batch, self.eval_batch_size), totals)
+    for batch in self._validation_batches(full):
+      totals = self.eval_fn(params, batch, totals)
     total, weight = (float(x) for x in jax.device_get(totals))
     return total / max(weight, 1.0)
+
+  def _validation_batches(self, full: bool):
+    if self._eval_batches is None:
+      self._eval_batches = self.data.eval_batches()
+    windows = int(self.tc.get("eval_windows", 0) or 0)
+    if full or not windows or windows >= self._eval_batches.windows:
+      return (self._global(batch, self.eval_batch_size) for batch in self._eval_batches)
+    if self._eval_subset is None:
+      subset = self._eval_batches.subset(windows, self.tc.seed)
+      self._eval_subset = [self._global(batch, self.eval_batch_size) for batch in subset]
+    return self._eval_subset
+
+  def _evaluates_subset(self) -> bool:
+    windows = int(self.tc.get("eval_windows", 0) or 0)
+    if self._eval_batches is None:
+      self._eval_batches = self.data.eval_batches()
+    return 0 < windows < self._eval_batches.windows
 
   def _meta(self, step: int) -> Dict[str, Any]:
     return {"step": step, "model": self.model_dict, "data_position": self.data_position,
@@ -582,27 +606,43 @@ class Trainer:
       row["skipped_updates"] = skipped
     return row
 
-  def _evaluate_and_track(self, step: int, writer) -> bool:
-    """Evaluates, records, saves the best parameters; returns whether early stopping says stop."""
-    self._check_nonfinite()
-    eval_loss = self.evaluate(self.state.params)
+  def _evaluate_once(self, step: int, writer, full: bool) -> float:
+    eval_loss = self.evaluate(self.state.params, full)
     if not math.isfinite(eval_loss) and self.tc.on_nonfinite == "stop":
       raise NonFiniteLoss(f"the validation loss is {eval_loss} at step {step} (the parameters are finite); nothing "
                           "after the last checkpoint was saved. Lower opt.lr, or set train.on_nonfinite=skip")
+    split = "whole split" if full else f"{self.tc.eval_windows} windows"
     if writer is not None:
       writer.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
-                    "elapsed_s": time.perf_counter() - self.run_start})
+                    "eval_full": full, "elapsed_s": time.perf_counter() - self.run_start, "time": time.time()})
     self.run_meta["eval_history"].append([step, eval_loss])
-    self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
+    self._log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f}, {split})")
+    return eval_loss
+
+  def _evaluate_and_track(self, step: int, writer) -> bool:
+    """Evaluates (a subset of the validation windows during training, see train.eval_windows; the whole split at
+    the last step and to confirm train.target_eval_loss), records, saves the best parameters; returns whether
+    to stop (early stopping, or the target reached)."""
+    self._check_nonfinite()
+    full = step >= self.tc.steps or not self._evaluates_subset()
+    eval_loss = self._evaluate_once(step, writer, full)
+    target = float(self.tc.get("target_eval_loss", 0.0) or 0.0)
+    if target and eval_loss <= target and not full:
+      full, eval_loss = True, self._evaluate_once(step, writer, True)
+    reached = bool(target) and full and eval_loss <= target
+    if reached:
+      self.run_meta["target_reached_step"] = step
+      self._log(f"validation loss {eval_loss:.4f} <= train.target_eval_loss={target} on the whole split at step "
+                f"{step}: stopping")
     if eval_loss < self.run_meta["best_eval_loss"]:  # never true for NaN
       self.run_meta.update(best_eval_loss=eval_loss, bad_evals=0)
       self.checkpointer.save_best(step, self.state, self._meta(step))
-      return False
+      return reached
     self.run_meta["bad_evals"] += 1
     if self.tc.patience and self.run_meta["bad_evals"] >= self.tc.patience:
       self._log(f"early stopping: no improvement in {self.tc.patience} evaluations")
       return True
-    return False
+    return reached
 
   def run(self, stop_after_steps: Optional[int] = None) -> TrainResult:
     """Trains to `train.steps` (or early stopping, or a stop request). `stop_after_steps` stops (saving) after
@@ -615,7 +655,7 @@ class Trainer:
     end_step = tc.steps if stop_after_steps is None else min(tc.steps, self.start_step + stop_after_steps)
     self.progress = _progress_bar(tc, self.start_step) if self.primary else None
     step, last_loss, stopped_early, interrupted = self.start_step, float("nan"), False, False
-    window_start, window_steps, window_losses = time.perf_counter(), 0, []
+    window_start, window_steps, window_losses, window_paused = time.perf_counter(), 0, [], 0.0
     vote = distributed.StopVote()
 
     try:
@@ -635,8 +675,8 @@ class Trainer:
           if step % tc.log_every == 0 or step == end_step:
             # The window ends when its last step has run, not when it was dispatched (tokens/s and MFU).
             jax.block_until_ready(step_metrics["loss"])
-            row = self._train_row(step, window_losses, window_steps, time.perf_counter() - window_start,
-                                  step_metrics)
+            row = self._train_row(step, window_losses, window_steps,
+                                  time.perf_counter() - window_start - window_paused, step_metrics)
             last_loss = float(window_losses[-1])
             if writer is not None:
               writer.write(row)
@@ -646,14 +686,15 @@ class Trainer:
             elif self.primary:
               log.info("step %d loss %.4f tokens/s %.0f%s", step, row["loss"], row["tokens_per_sec"],
                        f" MFU {mfu['mfu']}" if mfu else "")
-            window_start, window_steps, window_losses = time.perf_counter(), 0, []
+            window_start, window_steps, window_losses, window_paused = time.perf_counter(), 0, [], 0.0
 
           if auto_grow.due(step, self._chars_per_step(), tc.get("grow_every_chars", 0)) and step < end_step:
             self._grow(step)  # every process, after the same step
 
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            paused = time.perf_counter()
             stopped_early = self._evaluate_and_track(step, writer)
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+            window_paused += time.perf_counter() - paused  # evaluation time is not training throughput
 
           if tc.get("sample_every") and tc.sample_tokens and step % tc.sample_every == 0 and step < tc.steps:
             self._sample(step, writer)  # every process: the parameters may have to be gathered

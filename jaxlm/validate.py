@@ -152,7 +152,8 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "eval_batches": integer(0, note="0 = all"),
       },
       "opt": {
-          "name": choice("adamw", "adafactor"),
+          "name": choice("adamw", "adafactor", "muon"),
+          "adam_lr": optional(number(0, note="0 = opt.lr")), "muon_momentum": optional(number(0, 1, high_open=True)),
           "schedule": choice("cosine", "linear", "constant", "rsqrt_relative"),
           "weight_decay_on": choice("matrices", "all"),
           "lr": number(0), "warmup_steps": integer(0), "min_lr_ratio": number(0, 1),
@@ -172,8 +173,11 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "grow_every_chars": integer(0, note="0 = off"), "grow_layers": integer(1),
           "grow_reset_optimizer": optional(BOOL),
           "on_new_corpus": optional(choice("continue", "fresh", "ask")),
+          "eval_windows": optional(integer(0, note="0 = the whole validation split")),
+          "target_eval_loss": optional(number(0, note="0 = off")),
       },
-      "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis},
+      "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis,
+               "cpu_devices": optional(integer(1, special=((-1, "one per core"),)))},
   }
 
 

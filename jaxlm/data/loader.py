@@ -13,6 +13,7 @@ of processes; each process reads only its `rows`, so a resumed run continues fro
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Iterator, Optional, Sequence
 
 import grain
@@ -171,6 +172,19 @@ class EvalBatches:
 
   def __len__(self) -> int:
     return -(-len(self.ids) // self.batch_size)
+
+  @property
+  def windows(self) -> int:
+    return len(self.ids)
+
+  def subset(self, windows: int, seed: int) -> "EvalBatches":
+    """The same batches over `windows` of these windows drawn at random (in order; the same for a seed on
+    every process), rounded up to whole batches; all of them when there are fewer."""
+    windows = min(len(self.ids), -(-windows // self.batch_size) * self.batch_size)
+    part = copy.copy(self)
+    picked = np.random.default_rng(seed).choice(len(self.ids), size=windows, replace=False)
+    part.ids = self.ids[np.sort(picked)]
+    return part
 
   def __iter__(self) -> Iterator[Batch]:
     for first in range(0, len(self.ids), self.batch_size):

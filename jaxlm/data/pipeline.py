@@ -337,3 +337,12 @@ class _Chained:
   def __iter__(self):
     for part in self.parts:
       yield from part
+
+  @property
+  def windows(self) -> int:
+    return sum(p.windows for p in self.parts)
+
+  def subset(self, windows: int, seed: int) -> "_Chained":
+    """`windows` drawn from the parts in proportion to their sizes (see loader.EvalBatches.subset)."""
+    total = max(self.windows, 1)
+    return _Chained([p.subset(max(1, round(windows * p.windows / total)), seed + i) for i, p in enumerate(self.parts)])
