@@ -1,7 +1,7 @@
 """One process of a multi-process test job (see tests/multiprocess.py): runs small trainings in order.
 
 argv: a JSON list of tasks {"name", "family": "yinggem"|"hrm", "mesh": {...}, "train": {...}, "model": {...},
-"data": {...}, "workdir",
+"data": {...}, "opt": {...}, "workdir",
 "stop_after": steps or null}, then the optional --coordinator_address/--num_processes/--process_id flags.
 Process 0 prints {name: {"losses", "evals", "step", "devices", "processes"}} as its last line.
 """
@@ -47,6 +47,7 @@ def main():
     c.mesh.update(task.get("mesh", {}))
     c.model.update(task.get("model", {}))
     c.data.update(task.get("data", {}))
+    c.opt.update(task.get("opt", {}))
     r = trainer.train_and_evaluate(c, task["workdir"], stop_after_steps=task.get("stop_after"))
     distributed.sync("mp_worker:" + task["name"])  # process 0 wrote metrics.jsonl
     rows = read_metrics(task["workdir"] + "/metrics.jsonl")

@@ -31,7 +31,8 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
   mesh (every kind of axis in one run), HRM on fsdp (parameters sharded across the processes). The data mesh: 150
   steps in the preemption test below (2 x 4 against 1 x 1); 1 x 1 against 1 x 8: the cross-topology test. Then a
   decoder trained on Alice is continued on tiny Shakespeare (issue 13: its vocabulary grows, half the examples
-  replay Alice, a block is added after 256 characters, samples are drawn): the same losses on both topologies."""
+  replay Alice, a block is added after 256 characters, samples are drawn; issue 14: Muon with its state sharded
+  over fsdp x model, evaluations on a random subset then the whole split): the same losses on both topologies."""
   cases = [("yinggem", "data_fsdp_model"), ("hrm", "fsdp")]
 
   def tasks(where):
@@ -45,7 +46,8 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
              "train": {"steps": 2, "eval_every": 0}, "workdir": parent},
             {"name": "continued", "mesh": MESHES["data_fsdp_model"], "data": {"corpus": "tinyshakespeare", "replay": 0.5},
              "train": {"steps": 4, "eval_every": 2, "init_from": parent, "on_new_corpus": "continue",
-                       "grow_every_chars": 2 * 8 * 16, "sample_every": 2, "sample_tokens": 4},
+                       "grow_every_chars": 2 * 8 * 16, "sample_every": 2, "sample_tokens": 4, "eval_windows": 8},
+             "opt": {"name": "muon", "lr": 0.02},
              "workdir": str(tmp_path / where / "continued")}]
 
   one = run_tasks(tasks("1x8") + continual("1x8"), processes=1, devices=8)

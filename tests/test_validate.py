@@ -135,9 +135,9 @@ def test_optimizer_enumerations_are_what_optim_builds():
   base = load_config(TINY).opt
   for field in ("name", "schedule", "weight_decay_on"):
     for value in rules[field].choices:
-      optim.make_optimizer(ml_collections.ConfigDict({**base.to_dict(), field: value}), 100)
+      optim.make_optimizer(ml_collections.ConfigDict({**base.to_dict(), field: value}), 100, param_names={})
     with pytest.raises(ValueError):
-      optim.make_optimizer(ml_collections.ConfigDict({**base.to_dict(), field: "bogus"}), 100)
+      optim.make_optimizer(ml_collections.ConfigDict({**base.to_dict(), field: "bogus"}), 100, param_names={})
 
 
 def test_checking_compiles_nothing(monkeypatch):
