@@ -387,6 +387,8 @@ class Trainer:
     run_dict = {**grown_dict, **{k: self.model_dict[k] for k in init_lib.RUN_FIELDS if k in self.model_dict}}
     self.model_cfg, self.module = build_model(run_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": self.model_dict.get("family", "")}
+    # The optimizer knows parameters by name (Muon's matrices): the new blocks' too.
+    self.optimizer, self.schedule = optim.make_optimizer(self.config.opt, self.tc.steps, self._param_names())
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(self.config.mesh))
     params = init_lib.to_run_layout(self.model_dict, params)
