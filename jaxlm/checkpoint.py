@@ -45,6 +45,17 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+def _quietly(read):
+  """`read()` without absl's warnings (Orbax warns that an item directory has no step metadata file of its own)."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return read()
+  finally:
+    absl_log.setLevel(level)
+
+
 def _manager(directory: str, keep: int, read_only: bool = False, name: str = "ckpt") -> ocp.CheckpointManager:
   directory = fs.absolute(directory)
   if read_only:  # Orbax logs a warning for each option a read-only manager ignores; there is nothing to act on
@@ -176,7 +187,12 @@ def restore_for_inference(workdir: str, which: str = "latest") -> Tuple[Dict[str
   if step is None:
     raise FileNotFoundError(f"no {which} checkpoint in {workdir!r}")
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+    # Onto this process's first device, whatever devices wrote it (a run on one CPU device per core, a pod).
+    saved = _quietly(lambda: ocp.StandardCheckpointer().metadata(fs.join(directory, str(step), "state")))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(saved, "item_metadata", saved))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
   except Exception as e:  # noqa: BLE001
     raise CheckpointUnusable(f"{fs.join(directory, str(step))}: cannot be restored ({errors.root_cause(e)})") from e

@@ -17,6 +17,8 @@ _CACHE = tempfile.mkdtemp(prefix="jaxlm-test-session-cache-")
 # tests inherit it.
 _DATA_CACHE = tempfile.mkdtemp(prefix="jaxlm-test-prepared-")
 os.environ["JAXLM_DATA_CACHE"] = _DATA_CACHE
+# Commands the tests start (python -m jaxlm.train) keep their compiled programs in this session's cache too.
+os.environ["JAXLM_COMPILATION_CACHE"] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -128,3 +128,26 @@ def test_speedrun_command_uses_a_device_per_core_and_stops_at_its_target(tmp_pat
   assert [(r["step"], r["eval_full"]) for r in rows] == [(10, False), (10, True)] and rows[-1]["eval_loss"] <= 4.0
   config = json.loads((tmp_path / "w" / "config.json").read_text())
   assert config["config"]["opt"]["name"] == "muon" and config["model"]["n_layers"] == 2
+
+
+def test_a_checkpoint_written_on_several_devices_loads_for_inference_on_one(tmp_path):
+  """yinggem:tiny trains on one device per core: generate, score, chat and init_from read its checkpoints in a
+  process with one device (as the Colab notebook does)."""
+  script = f"""
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+from test_train import small_config
+from jaxlm import trainer
+c = small_config(steps=1, eval_every=0, save_every=1)
+trainer.train_and_evaluate(c, {str(tmp_path / 'w')!r})
+print("devices", jax.device_count())
+"""
+  env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")},
+         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and "devices 2" in out.stdout, out.stderr[-3000:]
+  one = subprocess.run([sys.executable, "-c", "from jaxlm.checkpoint import restore_for_inference as r; import jax; "
+                        f"m, p, _ = r({str(tmp_path / 'w')!r}); print(jax.device_count(), len(jax.tree.leaves(p)))"],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert one.stdout.split()[0] == "1" and int(one.stdout.split()[1]) > 10
