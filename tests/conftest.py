@@ -38,6 +38,23 @@ def no_compilation_cache():
 
 
 @pytest.fixture
+def config_module(monkeypatch):
+  """What the Optimus Prime code has importable when it torch.loads its checkpoint: config.TrainingConfig."""
+  import dataclasses
+  import sys
+  import types
+  module = types.ModuleType("config")
+
+  @dataclasses.dataclass
+  class TrainingConfig:
+    batch_size: int = 8
+  TrainingConfig.__module__ = "config"
+  module.TrainingConfig = TrainingConfig
+  monkeypatch.setitem(sys.modules, "config", module)
+  return module
+
+
+@pytest.fixture
 def unreadable_config(monkeypatch):
   """make_unreadable(model_dir) -> the path of its config.json, which jaxlm.modeldir then cannot open
   (PermissionError), as on a directory without read permission (root ignores chmod)."""

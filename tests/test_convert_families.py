@@ -8,11 +8,8 @@ jaxlm-initialised (random, perturbed) models with strict load_state_dict; they r
 (test_references_reproduce_the_fixture_logits), and gave tests/test_generate.py the greedy tokens the originals
 produce from the perturbed twins that have no greedy files.
 """
-import dataclasses
 import math
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -388,20 +385,6 @@ def random_params(model_dict, seed=0):
   rng = np.random.default_rng(seed)
   noise = lambda p: (0.3 if p.ndim == 1 else 0.05) * rng.standard_normal(p.shape)
   return module, jax.tree.map(lambda p: (p + noise(p)).astype(np.float32), params)
-
-
-@pytest.fixture
-def config_module(monkeypatch):
-  """What the Optimus Prime code has importable when it torch.loads its checkpoint: config.TrainingConfig."""
-  module = types.ModuleType("config")
-
-  @dataclasses.dataclass
-  class TrainingConfig:
-    batch_size: int = 8
-  TrainingConfig.__module__ = "config"
-  module.TrainingConfig = TrainingConfig
-  monkeypatch.setitem(sys.modules, "config", module)
-  return module
 
 
 @pytest.mark.parametrize("family", sorted(RANDOM_MODELS))

@@ -140,10 +140,9 @@ def test_a_missing_parent_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuned_optimus_prime_exports_back_and_loads_in_the_original_format(originals, tmp_path, monkeypatch):
+def test_fine_tuned_optimus_prime_exports_back_and_loads_in_the_original_format(originals, tmp_path, config_module):
   torch = pytest.importorskip("torch")
   import sys
-  import types
   sys.path.insert(0, os.path.dirname(__file__))
   from test_convert_families import OptimusReference, forward
   c = run_config("optimus_prime", tmp_path, originals["optimus_prime"])
@@ -155,15 +154,6 @@ def test_fine_tuned_optimus_prime_exports_back_and_loads_in_the_original_format(
   assert not same_tree(tuned.params, original.params)  # it trained
   last = lineage.read(work)[-1]
   assert (last["steps"], last["tokens"]) == (3, 3 * 4 * 16) and last["chars"] > last["tokens"] and last["finished"]
-  config_module = types.ModuleType("config")  # what the original code has importable when it loads
-  import dataclasses
-
-  @dataclasses.dataclass
-  class TrainingConfig:
-    batch_size: int = 8
-  TrainingConfig.__module__ = "config"
-  config_module.TrainingConfig = TrainingConfig
-  monkeypatch.setitem(sys.modules, "config", config_module)
   out = api.jax2torch(work, str(tmp_path / "best_model.pt"))
   state = torch.load(out, weights_only=False)["model_state_dict"]
   m = tuned.model_dict
