@@ -46,7 +46,8 @@ _register_array_handler()
 
 
 def _quietly(read):
-  """`read()` without absl's warnings (Orbax warns that an item directory has no step metadata file of its own)."""
+  """`read()` without absl's warnings (Orbax warns about every option a read-only manager ignores, and that an
+  item directory has no step metadata file of its own: nothing to act on)."""
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
@@ -58,16 +59,10 @@ def _quietly(read):
 
 def _manager(directory: str, keep: int, read_only: bool = False, name: str = "ckpt") -> ocp.CheckpointManager:
   directory = fs.absolute(directory)
-  if read_only:  # Orbax logs a warning for each option a read-only manager ignores; there is nothing to act on
+  if read_only:
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0,
                                            enable_async_checkpointing=False)
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
-      return ocp.CheckpointManager(directory, options=options)
-    finally:
-      absl_log.setLevel(level)
+    return _quietly(lambda: ocp.CheckpointManager(directory, options=options))
   # Two managers save in one run: distinct barrier names keep their cross-process syncs apart.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=True,

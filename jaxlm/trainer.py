@@ -169,7 +169,8 @@ class Trainer:
       auto_grow.check_growable(model_dict)
     self.model_cfg, self.module = build_model(model_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": model_dict.get("family", "")}  # family: the export format
-    self.optimizer, self.schedule = optim.make_optimizer(config.opt, tc.steps, self._param_names())
+    self._param_names = None
+    self.optimizer, self.schedule = self._make_optimizer(config.opt)
     self.base_rng = jax.random.key(tc.seed)
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(config.mesh))
@@ -388,7 +389,8 @@ class Trainer:
     self.model_cfg, self.module = build_model(run_dict)
     self.model_dict = {**self.model_cfg.to_dict(), "family": self.model_dict.get("family", "")}
     # The optimizer knows parameters by name (Muon's matrices): the new blocks' too.
-    self.optimizer, self.schedule = optim.make_optimizer(self.config.opt, self.tc.steps, self._param_names())
+    self._param_names = None
+    self.optimizer, self.schedule = self._make_optimizer(self.config.opt)
     boxed = jax.eval_shape(self._init_state, self.base_rng)
     self.state_sharding = sharding.logical_shardings(boxed, self.mesh, sharding.rules_from_config(self.config.mesh))
     params = init_lib.to_run_layout(self.model_dict, params)
@@ -425,7 +427,7 @@ class Trainer:
     changed = sorted(k for k in now_opt if k in saved_opt and saved_opt[k] != now_opt[k])
 
     def opt_leaves(opt_values):
-      optimizer, _ = optim.make_optimizer(ml_collections.ConfigDict(opt_values), self.tc.steps, self._param_names())
+      optimizer, _ = self._make_optimizer(ml_collections.ConfigDict(opt_values))
       return checksum.leaf_names(jax.eval_shape(optimizer.init, abstract_state.params))
 
     saved_leaves = opt_leaves(saved_opt) if saved_opt else None
@@ -453,11 +455,19 @@ class Trainer:
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)
 
-  def _param_names(self) -> Dict[tuple, Any]:
-    """{key path: logical axis names} of the model's parameters (abstract: nothing is computed)."""
-    boxed = jax.eval_shape(self.module.init, jax.random.key(0), jnp.zeros((1, self.tc.seq_len), jnp.int32))
-    flat = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    return {tuple(getattr(p, "key", None) for p in path): getattr(x, "names", None) for path, x in flat}
+  def _make_optimizer(self, opt_cfg):
+    """optim.make_optimizer for this model; Muon is told the parameters' logical axis names (traced once per
+    model, abstractly; other optimizers need none)."""
+    names = None
+    if opt_cfg.get("name") == "muon":
+      if self._param_names is None:
+        boxed = jax.eval_shape(self.module.init, jax.random.key(0), jnp.zeros((1, self.tc.seq_len), jnp.int32))
+        flat, _ = jax.tree_util.tree_flatten_with_path(boxed["params"],
+                                                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        self._param_names = {tuple(getattr(p, "key", None) for p in path): getattr(x, "names", None)
+                             for path, x in flat}
+      names = self._param_names
+    return optim.make_optimizer(opt_cfg, self.tc.steps, names)
 
   def _init_state(self, rng):
     dummy = jnp.zeros((1, self.tc.seq_len), jnp.int32)
@@ -467,7 +477,7 @@ class Trainer:
   def _prepared_dataset(self, data_lib) -> list:
     """The prepared dataset(s) the config reads (jaxlm.data.prepared): the primary finds it or prepares it (with the
     run's tokenizer when resuming); the others find what it made, so no process tokenizes on a resume."""
-    problem = None
+    problem, digest = None, None
     tokenizer_dir = fs.join(self.workdir, "tokenizer")
     if self.primary:
       try:
@@ -477,14 +487,16 @@ class Trainer:
           init_lib.seed_tokenizer(self.parent, tokenizer_dir, init_lib.grown_tokenizer(self.parent, self.config.data))
         saved = (data_lib.load_tokenizer(fs.local_dir(tokenizer_dir))
                  if fs.exists(fs.join(tokenizer_dir, "tokenizer.json")) else None)
+        digest = self._tokenizer_digest(saved)
         data_lib.prepared.ensure_all(self.config.data, tokenizer=saved, progress=self.tc.progress,
-                                     tokenizer_digest=self._tokenizer_digest(saved))
+                                     tokenizer_digest=digest)
       except Exception as e:  # noqa: BLE001: re-raised below, after telling the other processes
         problem = e
     if distributed.any_process(problem is not None):
       raise problem if problem is not None else RuntimeError("process 0 could not prepare the data (see its log)")
-    digest = self._tokenizer_digest(
-        data_lib.load_tokenizer(fs.local_dir(tokenizer_dir)) if self.parent is not None else None)
+    if digest is None:  # the other processes read the tokenizer process 0 wrote
+      digest = self._tokenizer_digest(
+          data_lib.load_tokenizer(fs.local_dir(tokenizer_dir)) if self.parent is not None else None)
     roots = data_lib.prepared.find_all(self.config.data, digest)
     if roots is None:
       raise FileNotFoundError(
@@ -537,21 +549,20 @@ class Trainer:
     return total / max(weight, 1.0)
 
   def _validation_batches(self, full: bool):
-    if self._eval_batches is None:
-      self._eval_batches = self.data.eval_batches()
-    windows = int(self.tc.get("eval_windows", 0) or 0)
-    if full or not windows or windows >= self._eval_batches.windows:
+    windows = self._subset_windows()
+    if full or not windows:
       return (self._global(batch, self.eval_batch_size) for batch in self._eval_batches)
     if self._eval_subset is None:
       subset = self._eval_batches.subset(windows, self.tc.seed)
       self._eval_subset = [self._global(batch, self.eval_batch_size) for batch in subset]
     return self._eval_subset
 
-  def _evaluates_subset(self) -> bool:
-    windows = int(self.tc.get("eval_windows", 0) or 0)
+  def _subset_windows(self) -> int:
+    """train.eval_windows when the validation split has more windows, else 0 (evaluations read all)."""
     if self._eval_batches is None:
       self._eval_batches = self.data.eval_batches()
-    return 0 < windows < self._eval_batches.windows
+    windows = int(self.tc.get("eval_windows", 0) or 0)
+    return windows if 0 < windows < self._eval_batches.windows else 0
 
   def _meta(self, step: int) -> Dict[str, Any]:
     return {"step": step, "model": self.model_dict, "data_position": self.data_position,
@@ -626,7 +637,7 @@ class Trainer:
     the last step and to confirm train.target_eval_loss), records, saves the best parameters; returns whether
     to stop (early stopping, or the target reached)."""
     self._check_nonfinite()
-    full = step >= self.tc.steps or not self._evaluates_subset()
+    full = step >= self.tc.steps or not self._subset_windows()
     eval_loss = self._evaluate_once(step, writer, full)
     target = float(self.tc.get("target_eval_loss", 0.0) or 0.0)
     if target and eval_loss <= target and not full:
