@@ -47,7 +47,8 @@ def unknown_overrides(argv) -> list:
 
 
 def _train() -> int:
-  from jaxlm import compile_cache, distributed, errors, host_devices
+  from jaxlm import compile_cache, distributed, errors, host_devices, host_memory
+  host_memory.keep_freed_memory()  # before the backend starts (later it has no effect on XLA:CPU's steps)
   compile_cache.enable()
   if _NUM_PROCESSES.value is None and distributed.detected_cluster() is None:  # one process: one device per core
     host_devices.configure(_CONFIG.value)

@@ -76,6 +76,42 @@ def test_chunked_equals_reference_values_and_gradients(name):
     np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=TOL)
 
 
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_dense_equals_reference_values_and_gradients(name):
+  """The xla path's softmax with its backward written out (attention.dense_attention) against autodiff of the
+  reference, every row included (fully masked rows average every value in both)."""
+  b, n, k, h = 2, 4, 2, 8
+  t, s = MASKS[name][:2]
+  q, kk, v = _qkv(b, t, s, n, k, h, seed=3)
+  mask = _spec(name, b).dense()
+  cotangent = jax.random.normal(jax.random.key(8), (b, t, n, h))
+  want, want_vjp = jax.vjp(lambda *x: attention.explicit_attention(*x, mask), q, kk, v)
+  got, got_vjp = jax.vjp(jax.jit(lambda *x: attention.dense_attention(*x, mask)), q, kk, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL)
+  for g_got, g_want in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=TOL)
+
+
+def test_dense_attention_in_bfloat16_is_as_close_to_float32_as_the_reference():
+  """In bfloat16 the written-out backward (rowsum(dO * O) from the rounded output) stays within 1.25x of the
+  reference's own bfloat16 error against float32 (measured 0.52% against 0.48% relative on dq)."""
+  b, t, n, k, h = 2, 64, 4, 2, 32
+  q, kk, v = _qkv(b, t, t, n, k, h, seed=5)
+  mask = _spec("causal", b).dense() if t == MASKS["causal"][0] else attention.attention_mask(
+      _positions(b, t), _positions(b, t), causal=True, window=None)
+  cotangent = jax.random.normal(jax.random.key(6), (b, t, n, h))
+
+  def grads(fn, dtype):
+    _, vjp = jax.vjp(lambda *x: fn(*x, mask), *(x.astype(dtype) for x in (q, kk, v)))
+    return [np.asarray(g.astype(jnp.float32)) for g in vjp(cotangent.astype(dtype))]
+
+  exact = grads(attention.explicit_attention, jnp.float32)
+  for got, ref, want in zip(grads(attention.dense_attention, jnp.bfloat16),
+                            grads(attention.explicit_attention, jnp.bfloat16), exact):
+    error = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 0 < error <= 1.25 * np.linalg.norm(ref - want) / np.linalg.norm(want) + 1e-3
+
+
 def test_chunked_attention_dropout_equals_the_reference_with_the_same_keep_mask():
   b, t, n, k, h, block, rate = 2, 24, 4, 2, 8, 8, 0.3
   q, kk, v = _qkv(b, t, t, n, k, h, seed=3)

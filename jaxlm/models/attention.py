@@ -1,7 +1,7 @@
 """Attention: one mask definition and the implementations behind `model.attention_impl`.
 
-  xla      the reference: a dense [B, 1, T, S] mask and [B, N, T, S] scores (jax.nn.dot_product_attention, or the
-           explicit softmax when attention dropout is active). Simple, and what the tests compare against.
+  xla      a dense [B, 1, T, S] mask and [B, N, T, S] scores: dense_attention (the softmax with its backward
+           written out), or explicit_attention (the reference the tests compare against) with attention dropout.
   chunked  memory-efficient, pure JAX: queries in blocks of `block_q`, and for each block an online softmax over
            key blocks of `block_k` (running max, running sum, rescaled accumulator). Each query block is
            rematerialised in the backward pass, so a layer keeps only q, k, v for it: memory is
@@ -126,15 +126,61 @@ def explicit_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mas
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+# ----------------------------------------------------------------------------------------------- xla, no dropout
+# The dense softmax with its backward written out (the FlashAttention form, dS = P * (dP - rowsum(dO * O))): autodiff
+# of the softmax costs XLA:CPU a reduction over a transposed layout and more copies per layer, and this short-sequence
+# path is what CPU training runs (bench/README.md). Values equal explicit_attention's; no dropout here.
+@jax.custom_vjp
+def _dense_heads(q_BxTxNxH: Array, k_BxSxNxH: Array, v_BxSxNxH: Array, mask_Bx1xTxS: Array) -> Array:
+  return _dense_forward(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxS)[0]
+
+
+def _dense_forward(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxS):
+  scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
+  scores = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH).astype(jnp.float32) * scale
+  scores = jnp.where(mask_Bx1xTxS, scores, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxS = jax.nn.softmax(scores, axis=-1)
+  out_BxTxNxH = jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+  return out_BxTxNxH, (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxS, probs_BxNxTxS, out_BxTxNxH)
+
+
+def _dense_backward(residuals, d_out_BxTxNxH):
+  q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxS, probs_BxNxTxS, out_BxTxNxH = residuals
+  scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
+  d_v = jnp.einsum("bnts,btnh->bsnh", probs_BxNxTxS.astype(d_out_BxTxNxH.dtype), d_out_BxTxNxH)
+  d_probs = jnp.einsum("btnh,bsnh->bnts", d_out_BxTxNxH, v_BxSxNxH).astype(jnp.float32)
+  # rowsum(P * dP) = rowsum(dO * O): the smaller product (H per row instead of S).
+  row_BxNxT = jnp.einsum("btnh,btnh->bnt", d_out_BxTxNxH.astype(jnp.float32), out_BxTxNxH.astype(jnp.float32))
+  d_scores = probs_BxNxTxS * (d_probs - row_BxNxT[..., None]) * scale
+  # Masked scores get no gradient (it matters in rows without any allowed key, where P is uniform).
+  d_scores = jnp.where(mask_Bx1xTxS, d_scores, 0.0).astype(q_BxTxNxH.dtype)
+  d_q = jnp.einsum("bnts,bsnh->btnh", d_scores, k_BxSxNxH)
+  d_k = jnp.einsum("bnts,btnh->bsnh", d_scores, q_BxTxNxH)
+  return d_q, d_k, d_v, None
+
+
+_dense_heads.defvjp(_dense_forward, _dense_backward)
+
+
+def dense_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array) -> Array:
+  """softmax(q k^T / sqrt(H)) v under a dense boolean mask [B, 1, T, S]; no dropout. GQA repeats each kv head for
+  its query heads (autodiff sums their gradients back): this path serves short sequences only."""
+  groups = q_BxTxNxH.shape[2] // k_BxSxKxH.shape[2]
+  if groups > 1:
+    k_BxSxKxH = jnp.repeat(k_BxSxKxH, groups, axis=2)
+    v_BxSxKxH = jnp.repeat(v_BxSxKxH, groups, axis=2)
+  return _dense_heads(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS.astype(bool))
+
+
 def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array, *,
                           dropout_rate: float = 0.0, deterministic: bool = True,
                           dropout_rng: Optional[Array] = None) -> Array:
-  """The xla implementation: jax.nn.dot_product_attention without dropout, the explicit softmax with it."""
+  """The xla implementation: dense_attention without dropout, the explicit softmax with it."""
   n, k = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2]
   if n % k:
     raise ValueError(f"{n} query heads are not a multiple of {k} kv heads")
   if deterministic or dropout_rate == 0.0:
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
+    return dense_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
   return explicit_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, dropout_rate=dropout_rate,
                             dropout_rng=dropout_rng)
 
