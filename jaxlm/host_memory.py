@@ -20,8 +20,9 @@ import sys
 log = logging.getLogger("jaxlm.host_memory")
 
 # mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD = 32 << 20   # glibc's largest accepted value (HEAP_MAX_SIZE / 2 on 64-bit)
+MMAP_MAX = 0                # no block at all from mmap: the step's 50 MB exceeds any threshold
 TRIM_THRESHOLD = 1 << 30    # freed memory at the top of the heap stays mapped up to this much
 TOP_PAD = 64 << 20          # each heap extension asks the kernel for this much more than needed
 
@@ -45,7 +46,8 @@ def keep_freed_memory() -> bool:
   if libc is None:
     return False
   applied = all(libc.mallopt(param, value) == 1 for param, value in (
-      (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+      (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, MMAP_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+      (M_TOP_PAD, TOP_PAD)))
   if not applied:
     log.info("glibc refused the heap thresholds; CPU steps may page-fault their temporaries back in")
   return applied

@@ -705,6 +705,8 @@ class Trainer:
             self._grow(step)  # every process, after the same step
 
           if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            # The steps dispatched so far finish first: the pause must hold the evaluation's time only.
+            jax.block_until_ready(step_metrics["loss"])
             paused = time.perf_counter()
             stopped_early = self._evaluate_and_track(step, writer)
             window_paused += time.perf_counter() - paused  # evaluation time is not training throughput
