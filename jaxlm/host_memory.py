@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from jaxlm import compile_cache
+
 log = logging.getLogger("jaxlm.host_memory")
 
 # mallopt parameters (malloc.h).
@@ -43,7 +45,7 @@ def _glibc():
 
 def keep_freed_memory() -> bool:
   """Sets the thresholds; returns whether they took effect (False when off, or not glibc)."""
-  if os.environ.get("JAXLM_KEEP_HEAP", "").lower() in ("0", "off", "false", "no"):
+  if os.environ.get("JAXLM_KEEP_HEAP", "").lower() in compile_cache.OFF:
     return False
   libc = _glibc()
   if libc is None:

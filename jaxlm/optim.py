@@ -1,7 +1,7 @@
 """Optax optimizers and learning-rate schedules built from the `opt` config section."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,24 +61,34 @@ def _muon_dimensions(names: Optional[Sequence[Optional[str]]], ndim: int, is_ker
   return MuonDimensionNumbers(reduction_axis=tuple(named[:-1]), output_axis=(named[-1],))
 
 
+def _is_box(x) -> bool:
+  import flax.linen as nn
+  return isinstance(x, nn.Partitioned)
+
+
+def _key(path) -> tuple:
+  return tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
+
+
+def param_axis_names(boxed_params) -> Dict[tuple, Any]:
+  """{key path: logical axis names} of a boxed parameter tree (the model's init under jax.eval_shape): what
+  make_optimizer's `param_names` expects."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)
+  return {_key(path): getattr(x, "names", None) for path, x in flat}
+
+
 def _muon_dimension_fn(param_names: Mapping[tuple, Any]) -> Callable:
   """The tree of Muon dimension numbers for a parameter tree, boxed (optimizer.init inside the model's init)
   or not (the update): box metadata where there is a box, else `param_names` ({key path: axis names})."""
-  import flax.linen as nn
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-
-  def key(path):
-    return tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
-
   def leaf(path, x):
-    path_keys = key(path)
+    path_keys = _key(path)
     if isinstance(x, optax.MaskedNode):  # a leaf a mask left out: not Muon's
       return None
-    if is_box(x):
+    if _is_box(x):
       return _muon_dimensions(x.names, x.value.ndim, path_keys[-1] == "kernel")
     return _muon_dimensions(param_names.get(path_keys), jnp.ndim(x), path_keys[-1] == "kernel")
 
-  return lambda tree: jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=is_box)
+  return lambda tree: jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_is_box)
 
 
 def make_optimizer(opt_cfg, total_steps: int, param_names: Optional[Mapping[tuple, Any]] = None

@@ -462,10 +462,7 @@ class Trainer:
     if opt_cfg.get("name") == "muon":
       if self._param_names is None:
         boxed = jax.eval_shape(self.module.init, jax.random.key(0), jnp.zeros((1, self.tc.seq_len), jnp.int32))
-        flat, _ = jax.tree_util.tree_flatten_with_path(boxed["params"],
-                                                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
-        self._param_names = {tuple(getattr(p, "key", None) for p in path): getattr(x, "names", None)
-                             for path, x in flat}
+        self._param_names = optim.param_axis_names(boxed["params"])
       names = self._param_names
     return optim.make_optimizer(opt_cfg, self.tc.steps, names)
 

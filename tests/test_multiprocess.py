@@ -1,6 +1,7 @@
 """Multi-process training (2 local processes x 4 emulated CPU devices, gloo): the same run as 1 process x 8
 devices, checkpoints that move between topologies, a preemption that stops every process at the same step, and
 asynchronous checkpoints that survive kill -9."""
+import json
 import os
 import random
 import shutil
@@ -52,7 +53,6 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
 
   one = run_tasks(tasks("1x8") + continual("1x8"), processes=1, devices=8)
   two = run_tasks(tasks("2x4") + continual("2x4"), processes=2, devices=4)
-  import json
   for where in ("1x8", "2x4"):
     stage = json.loads((tmp_path / where / "continued" / "config.json").read_text())["history"][-1]
     assert stage["replay"]["corpora"] == ["alice"] and stage["from"] == str(tmp_path / where / "parent")
