@@ -97,6 +97,7 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.mesh.model = 1
   c.mesh.rules = ()                     # () = sharding.DEFAULT_RULES
   c.mesh.cpu_devices = 1                # CPU only, one process: XLA devices (-1 = one per core; jaxlm/host_devices.py)
+  c.mesh.grad_sum = "auto"              # CPU devices: auto | pairwise | collective (jaxlm/pairwise_sum.py)
   return c
 
 

@@ -164,6 +164,16 @@ def activation_sharding(mesh: Mesh, rules):
     _ACTIVATIONS.pop()
 
 
+@contextlib.contextmanager
+def no_activation_sharding():
+  """Within this context `constrain` is a no-op again: inside a shard_map, whose arrays are each device's own."""
+  _ACTIVATIONS.append(None)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.pop()
+
+
 def tracing_with_activation_sharding(fn, mesh: Mesh, rules):
   """fn, traced inside activation_sharding(mesh, rules) (what to hand to jax.jit)."""
   @functools.wraps(fn)
@@ -175,7 +185,7 @@ def tracing_with_activation_sharding(fn, mesh: Mesh, rules):
 
 def active_mesh():
   """(mesh, rules) of the innermost activation_sharding context, or None outside one (or on one device)."""
-  if not _ACTIVATIONS or _ACTIVATIONS[-1][0].size == 1:
+  if not _ACTIVATIONS or _ACTIVATIONS[-1] is None or _ACTIVATIONS[-1][0].size == 1:
     return None
   return _ACTIVATIONS[-1]
 

@@ -1,7 +1,8 @@
 """The pure, jitted pieces of training: the train state, one optimizer step and one evaluation batch."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import jax
@@ -34,34 +35,47 @@ def split_microbatches(x: jax.Array, grad_accum: int, sharding=None) -> jax.Arra
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Array, *, module, optimizer,
-               grad_accum: int, microbatch_sharding=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step on a global batch, split into `grad_accum` microbatches scanned in sequence.
-
-  The gradient is d(sum of token losses)/d(params) / (number of weighted tokens), exactly the gradient of the
-  mean loss over the whole batch, whatever the split. `microbatch_sharding`: see split_microbatches.
-  """
-  rng = jax.random.fold_in(base_rng, state.step)
+def batch_sums_and_grads(params, batch: Dict[str, jax.Array], rng: jax.Array, *, module, grad_accum: int,
+                         microbatch_sharding=None):
+  """((sum of token losses, (sum of weights, {metric: sum})), d(sum of token losses)/d(params)) over the batch,
+  split into `grad_accum` microbatches scanned in sequence. `microbatch_sharding`: see split_microbatches."""
 
   def objective(params, mb, mb_rng):
     total, weight, sums = _loss_sums(params, mb, mb_rng, module)
     return total, (weight, sums)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
-
   if grad_accum == 1:
-    (total, (weight, sums)), grads = grad_fn(state.params, batch, rng)
-  else:
-    micro_batches = jax.tree.map(lambda x: split_microbatches(x, grad_accum, microbatch_sharding), batch)
+    return grad_fn(params, batch, rng)
+  micro_batches = jax.tree.map(lambda x: split_microbatches(x, grad_accum, microbatch_sharding), batch)
 
-    def micro_step(acc, xs):
-      mb, i = xs
-      out, grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, acc, (out, grads)), None
+  def micro_step(acc, xs):
+    mb, i = xs
+    return jax.tree.map(jnp.add, acc, grad_fn(params, mb, jax.random.fold_in(rng, i))), None
 
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rng))
-    ((total, (weight, sums)), grads), _ = jax.lax.scan(micro_step, zeros, (micro_batches, jnp.arange(grad_accum)))
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+  return jax.lax.scan(micro_step, zeros, (micro_batches, jnp.arange(grad_accum)))[0]
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Array, *, module, optimizer,
+               grad_accum: int, microbatch_sharding=None,
+               per_device: Optional[Callable] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step on a global batch, split into `grad_accum` microbatches scanned in sequence.
+
+  The gradient is d(sum of token losses)/d(params) / (number of weighted tokens), exactly the gradient of the
+  mean loss over the whole batch, whatever the split. `microbatch_sharding`: see split_microbatches.
+  `per_device`: pairwise_sum.per_device_sums bound to a mesh (and to whether it may fall back to `collective`): sum
+  each device's rows, then add the devices' sums pairwise instead of by XLA's all-reduce; None: one program over
+  the global batch.
+  """
+  rng = jax.random.fold_in(base_rng, state.step)
+  sums_and_grads = functools.partial(batch_sums_and_grads, module=module, grad_accum=grad_accum,
+                                     microbatch_sharding=microbatch_sharding)
+  if per_device is not None:  # inside the shard_map each device splits its own rows
+    sums_and_grads = per_device(functools.partial(batch_sums_and_grads, module=module, grad_accum=grad_accum),
+                                collective=sums_and_grads)
+  (total, (weight, sums)), grads = sums_and_grads(state.params, batch, rng)
   weight = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)

@@ -32,7 +32,7 @@ from etils import epath
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import auto_grow, checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
-from jaxlm import lineage, start_choice
+from jaxlm import lineage, pairwise_sum, start_choice
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -445,10 +445,16 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     rules = sharding.rules_from_config(self.config.mesh)
     on_mesh = lambda fn: sharding.tracing_with_activation_sharding(fn, self.mesh, rules)
+    grad_sum = self.config.mesh.get("grad_sum", "auto")
+    per_device = None
+    if pairwise_sum.choose(grad_sum, self.mesh):
+      per_device = functools.partial(pairwise_sum.per_device_sums, mesh=self.mesh,
+                                     same_randomness=grad_sum == "auto")
     self.step_fn = jax.jit(
         on_mesh(functools.partial(train_step, module=self.module, optimizer=self.optimizer,
                                   grad_accum=self.config.opt.grad_accum,
-                                  microbatch_sharding=sharding.microbatch_sharding(self.mesh))),
+                                  microbatch_sharding=sharding.microbatch_sharding(self.mesh),
+                                  per_device=per_device)),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     self.eval_fn = jax.jit(on_mesh(functools.partial(eval_step, module=self.module)),

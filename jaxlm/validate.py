@@ -177,7 +177,8 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
           "target_eval_loss": optional(number(0, note="0 = off")),
       },
       "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis,
-               "cpu_devices": optional(integer(1, special=((-1, "one per core"),)))},
+               "cpu_devices": optional(integer(1, special=((-1, "one per core"),))),
+               "grad_sum": choice("auto", "pairwise", "collective")},
   }
 
 
