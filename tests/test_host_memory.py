@@ -27,11 +27,13 @@ state = run.state
 for _ in range(3):
   state, metrics = run.step_fn(state, batch, run.base_rng)
 metrics["loss"].block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   state, metrics = run.step_fn(state, batch, run.base_rng)
   metrics["loss"].block_until_ready()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, float(np.median(faults)))
 run.close()
 """
 
@@ -49,7 +51,9 @@ def test_train_step_temporaries_are_not_page_faulted_back_in_at_every_step():
   kept, with_setting = _faults_per_call(keep=True)
   off, without = _faults_per_call(keep=False)
   assert kept and not off
-  # Measured ~12k minor faults a step without (the temporaries' 4 KiB pages fetched again), ~100 with.
+  # Measured ~12k minor faults a step without (the temporaries' 4 KiB pages fetched again), ~3 with. The median
+  # step: on a loaded machine the step sometimes runs on a pool thread whose malloc arena has not held the block
+  # yet, and that one step faults it in (the mean of 10 steps was once 1.3k, the median stays ~3).
   assert without > 5000, without
   assert with_setting < without / 10, (with_setting, without)
 
