@@ -120,6 +120,38 @@ def test_c4_sample_min_chars_drops_short_texts(tmp_path):
   assert first[-1] == tok.eos_id and tok.decode(first[:-1]) == tok.decode(tok.encode(kept[0]))
 
 
+def test_decoded_records_are_kept_within_their_budget_and_reads_do_not_change(tmp_path, monkeypatch):
+  """Reads through the record cache equal TFDS's records (with loss masks too); a record is decoded once while
+  the cache holds it; the cache never holds more records than RECORD_CACHE_BYTES allows; a pickled store (Grain
+  worker processes) reads the same without the cache's contents."""
+  import pickle
+  import tensorflow_datasets as tfds
+  cfg = _cfg(tmp_path, "dolly_sample", format="dolly", loss_on="response")
+  root = prepared.prepare(cfg, progress=False)
+  records = tfds.builder_from_directory(store.tfds_dir(root)).as_data_source(split="train")
+  expected_tokens = np.concatenate([records[i]["tokens"] for i in range(len(records))])
+  expected_loss = np.concatenate([records[i]["loss"] for i in range(len(records))])
+  st = store.TokenStore(root)
+  assert st.with_loss and st.n_records > 4
+  rng = np.random.default_rng(0)
+  spans = [(int(a), int(a) + int(n)) for a, n in zip(rng.integers(0, st.n_tokens - 300, 50), rng.integers(1, 300, 50))]
+  for _ in range(2):
+    for a, b in spans:
+      tokens, loss, _ = st.read(a, b)
+      np.testing.assert_array_equal(tokens, expected_tokens[a:b])
+      np.testing.assert_array_equal(loss, expected_loss[a:b])
+  info = st._record.cache_info()
+  assert info.misses <= st.n_records and info.hits > info.misses  # the second pass decodes nothing
+  copy = pickle.loads(pickle.dumps(st))
+  assert copy._record.cache_info().currsize == 0
+  np.testing.assert_array_equal(copy.read(*spans[0])[0], expected_tokens[slice(*spans[0])])
+  monkeypatch.setattr(store, "RECORD_CACHE_BYTES", 3 * (st.n_tokens // st.n_records) * 5)
+  small = store.TokenStore(root)
+  for a, b in spans:
+    np.testing.assert_array_equal(small.read(a, b)[0], expected_tokens[a:b])
+    assert small._record.cache_info().currsize <= 3
+
+
 def test_dailydialog_assistant_only_loss_and_padded_rows(tmp_path):
   cfg = _cfg(tmp_path, "dailydialog_sample", format="dialogue", tokenizer="gpt2", loss_on="response",
              packing="padded", val_fraction=0.1)
