@@ -1,10 +1,9 @@
 """One XLA CPU device per core for single-process CPU runs (`mesh.cpu_devices`).
 
 XLA:CPU runs one program per device, each with its own threads. For the tiny configs a data-parallel mesh of one
-device per core is a little faster end to end than one device using every core (yinggem:tiny on 2 cores: 98.8 s
-against 104.3 s for the whole recipe, evaluations included; yinggem:speedrun 22 s against 26 s, bench/README.md),
-so they ask for it with mesh.cpu_devices=-1. (The step alone is ~36 ms either way once host_memory keeps its
-temporaries in the heap; without that, one device page-faulted its larger buffer back in at every step.) It must
+device per core is faster than one device using every core (yinggem:tiny's step on 2 cores: ~30 ms against ~36,
+with the devices' gradients added by pairwise_sum; 34-38 ms with XLA's all-reduce; bench/README.md), so they ask
+for it with mesh.cpu_devices=-1. It must
 be chosen before JAX starts its CPU backend; it changes nothing where the devices are GPUs or TPUs.
 """
 from __future__ import annotations
