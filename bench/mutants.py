@@ -306,6 +306,24 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_shardings.py", "-k", "activations"],
       ("jaxlm/models/decoder.py", "table_VxD = sharding.constrain(embed.embedding, (layers.VOCAB, None))",
        "table_VxD = embed.embedding")),
+    # Issue 14, third session: the pairwise gradient sum and the record cache.
+    m("pairwise-sum-keeps-only-the-partner", "each exchange replaces a device's vector by its partner's instead of adding",
+      ["tests/test_pairwise_sum.py"],
+      ("jaxlm/pairwise_sum.py", "x_N = x_N + jax.lax.ppermute(x_N, axis_name, partner)",
+       "x_N = jax.lax.ppermute(x_N, axis_name, partner)")),
+    m("pairwise-sum-one-exchange-short", "the butterfly stops one exchange early (partial sums on 4 devices)",
+      ["tests/test_pairwise_sum.py"],
+      ("jaxlm/pairwise_sum.py", "  while stride < n_devices:", "  while 2 * stride < n_devices:")),
+    m("pairwise-auto-ignores-randomness", "auto sums pairwise even when the loss draws random numbers",
+      ["tests/test_pairwise_sum.py"],
+      ("jaxlm/pairwise_sum.py", "    if same_randomness:\n", "    if False:\n")),
+    m("pairwise-any-key-use-counts", "a key folded with the microbatch index and never used counts as randomness",
+      ["tests/test_pairwise_sum.py"],
+      ("jaxlm/pairwise_sum.py", "  return any(used[-n_key_leaves:])", "  return bool(closed.jaxpr.eqns)")),
+    m("record-cache-unbounded", "the decoded-record cache ignores its byte budget",
+      ["tests/test_data_prepared.py", "-k", "decoded_records"],
+      ("jaxlm/data/store.py", "functools.lru_cache(maxsize=max(1, RECORD_CACHE_BYTES // bytes_per_record))",
+       "functools.lru_cache(maxsize=None)")),
 ]
 
 
