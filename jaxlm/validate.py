@@ -134,7 +134,8 @@ def _show(value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def section_rules() -> Dict[str, Dict[str, Rule]]:
   """Rules of the data, opt, train and mesh sections (the model's come from its config class)."""
-  from jaxlm.data import loader, sources, tokenizers  # the enumerations live with what they name
+  from jaxlm import pairwise_sum  # the enumerations live with what they name
+  from jaxlm.data import loader, sources, tokenizers
   mesh_axis = integer(1, special=((-1, "every remaining device"),))
   return {
       "data": {
@@ -178,7 +179,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
       },
       "mesh": {"data": mesh_axis, "fsdp": mesh_axis, "model": mesh_axis,
                "cpu_devices": optional(integer(1, special=((-1, "one per core"),))),
-               "grad_sum": choice("auto", "pairwise", "collective")},
+               "grad_sum": choice(*pairwise_sum.CHOICES)},
   }
 
 
