@@ -51,7 +51,8 @@ def batch_sums_and_grads(params, batch: Dict[str, jax.Array], rng: jax.Array, *,
 
   def micro_step(acc, xs):
     mb, i = xs
-    return jax.tree.map(jnp.add, acc, grad_fn(params, mb, jax.random.fold_in(rng, i))), None
+    out, grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, acc, (out, grads)), None
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
