@@ -3,8 +3,8 @@
 XLA:CPU runs one program per device, each with its own threads. For the tiny configs a data-parallel mesh of one
 device per core is faster than one device using every core (yinggem:tiny's step on 2 cores: ~30 ms against ~36,
 with the devices' gradients added by pairwise_sum; 34-38 ms with XLA's all-reduce; bench/README.md), so they ask
-for it with mesh.cpu_devices=-1. It must
-be chosen before JAX starts its CPU backend; it changes nothing where the devices are GPUs or TPUs.
+for it with mesh.cpu_devices=-1. It must be chosen before JAX starts its CPU backend; it changes nothing where the
+devices are GPUs or TPUs.
 """
 from __future__ import annotations
 
