@@ -11,6 +11,7 @@ same step.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -40,6 +41,11 @@ from jaxlm.models.config_base import COMPUTE_ONLY_FIELDS
 from jaxlm.steps import TrainState, eval_step, train_step
 
 log = logging.getLogger("jaxlm.train")
+# The loop dispatches a step at most this many steps ahead of the devices. Unbounded, a run that logs rarely queued
+# hundreds of steps, and XLA:CPU's in-process collectives then deadlocked on several devices (yinggem:tiny on 2
+# devices with log_every=1500 aborted after a 40 s rendezvous timeout, with XLA's all-reduce and with
+# pairwise_sum alike). Two steps keep the devices busy while the host prepares the next batch.
+MAX_STEPS_AHEAD = 2
 
 
 # ------------------------------------------------------------------------------------------ setup helpers
@@ -673,12 +679,16 @@ class Trainer:
     step, last_loss, stopped_early, interrupted = self.start_step, float("nan"), False, False
     window_start, window_steps, window_losses, window_paused = time.perf_counter(), 0, [], 0.0
     vote = distributed.StopVote()
+    in_flight = collections.deque()  # losses of the steps dispatched and perhaps not yet run
 
     try:
       with _StopRequest() as stop:
         while step < end_step:
           batch = self._global(next(self.data.train_iter), tc.batch_size)
           self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
+          in_flight.append(step_metrics["loss"])
+          if len(in_flight) > MAX_STEPS_AHEAD:
+            jax.block_until_ready(in_flight.popleft())
           step += 1
           self.data_position += 1
           window_steps += 1

@@ -139,3 +139,33 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1].startswith("error: ") and str(empty) in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_the_loop_dispatches_at_most_two_steps_ahead_of_the_devices(tmp_path, monkeypatch):
+  """Unbounded, a run that logs rarely queued every step, and XLA:CPU's collectives deadlocked on 2 devices
+  (trainer.MAX_STEPS_AHEAD). Counted: the steps dispatched and not yet run when each step is dispatched; the
+  control, with the bound lifted, shows that this model's steps do pile up."""
+  def most_pending(name):
+    c = small_config(model=dict(d_model=128, d_ff=512, n_heads=4), steps=16, seq_len=16, batch_size=32,
+                     log_every=1000, eval_every=0, save_every=1000)
+    run = trainer.Trainer(c, str(tmp_path / name))
+    dispatch, pending, counts = run.step_fn, [], []
+
+    def counting(state, batch, rng):
+      pending[:] = [loss for loss in pending if not loss.is_ready()]
+      counts.append(len(pending))
+      state, metrics = dispatch(state, batch, rng)
+      pending.append(metrics["loss"])
+      return state, metrics
+
+    run.step_fn = counting
+    try:
+      run.run()
+    finally:
+      run.close()
+    return max(counts)
+
+  bound = trainer.MAX_STEPS_AHEAD
+  assert most_pending("bounded") <= bound
+  monkeypatch.setattr(trainer, "MAX_STEPS_AHEAD", 10 ** 6)
+  assert most_pending("unbounded") > bound + 2
