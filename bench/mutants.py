@@ -322,7 +322,7 @@ MUTATIONS: List[Mutation] = [
       ("jaxlm/pairwise_sum.py", "  return any(used[-n_key_leaves:])", "  return bool(closed.jaxpr.eqns)")),
     m("loop-runs-ahead-unbounded", "the training loop never waits for the steps it dispatched",
       ["tests/test_train.py", "-k", "steps_ahead"],
-      ("jaxlm/trainer.py", "          if len(in_flight) > MAX_STEPS_AHEAD:\n", "          if False:\n")),
+      ("jaxlm/trainer.py", "    if len(self.pending) > MAX_STEPS_AHEAD:\n", "    if False:\n")),
     m("record-cache-unbounded", "the decoded-record cache ignores its byte budget",
       ["tests/test_data_prepared.py", "-k", "decoded_records"],
       ("jaxlm/data/store.py", "functools.lru_cache(maxsize=max(1, RECORD_CACHE_BYTES // bytes_per_record))",

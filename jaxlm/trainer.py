@@ -48,6 +48,19 @@ log = logging.getLogger("jaxlm.train")
 MAX_STEPS_AHEAD = 2
 
 
+class _RunAhead:
+  """The loop's bound: after each dispatch, waits for the oldest pending program once more than MAX_STEPS_AHEAD are
+  pending (train steps, evaluation batches)."""
+
+  def __init__(self):
+    self.pending = collections.deque()
+
+  def dispatched(self, output: jax.Array) -> None:
+    self.pending.append(output)
+    if len(self.pending) > MAX_STEPS_AHEAD:
+      jax.block_until_ready(self.pending.popleft())
+
+
 # ------------------------------------------------------------------------------------------ setup helpers
 def _model_dict(config: ml_collections.ConfigDict, vocab_size: int) -> Dict[str, Any]:
   model = config.model.to_dict()
@@ -552,8 +565,10 @@ class Trainer:
     windows evaluations during training read (the same each time, kept on the devices after the first); summed
     on the devices, one read at the end."""
     totals = jax.device_put(np.zeros((2,), np.float32), sharding.replicated(self.mesh))  # as eval_fn returns it
+    run_ahead = _RunAhead()  # a large split queued at once deadlocked XLA:CPU's collectives like the train steps
     for batch in self._validation_batches(full):
       totals = self.eval_fn(params, batch, totals)
+      run_ahead.dispatched(totals)
     total, weight = (float(x) for x in jax.device_get(totals))
     return total / max(weight, 1.0)
 
@@ -679,16 +694,14 @@ class Trainer:
     step, last_loss, stopped_early, interrupted = self.start_step, float("nan"), False, False
     window_start, window_steps, window_losses, window_paused = time.perf_counter(), 0, [], 0.0
     vote = distributed.StopVote()
-    in_flight = collections.deque()  # losses of the steps dispatched and perhaps not yet run
+    run_ahead = _RunAhead()
 
     try:
       with _StopRequest() as stop:
         while step < end_step:
           batch = self._global(next(self.data.train_iter), tc.batch_size)
           self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
-          in_flight.append(step_metrics["loss"])
-          if len(in_flight) > MAX_STEPS_AHEAD:
-            jax.block_until_ready(in_flight.popleft())
+          run_ahead.dispatched(step_metrics["loss"])
           step += 1
           self.data_position += 1
           window_steps += 1

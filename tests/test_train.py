@@ -142,30 +142,37 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
 
 
 def test_the_loop_dispatches_at_most_two_steps_ahead_of_the_devices(tmp_path, monkeypatch):
-  """Unbounded, a run that logs rarely queued every step, and XLA:CPU's collectives deadlocked on 2 devices
-  (trainer.MAX_STEPS_AHEAD). Counted: the steps dispatched and not yet run when each step is dispatched; the
-  control, with the bound lifted, shows that this model's steps do pile up."""
+  """Unbounded, a run that logs rarely queued every step, and an evaluation every batch of the split, and XLA:CPU's
+  collectives deadlocked on 2 devices (trainer.MAX_STEPS_AHEAD). Counted: the programs dispatched and not yet run
+  when each train step and each evaluation batch is dispatched; the control, with the bound lifted, shows that
+  this model's programs do pile up."""
   def most_pending(name):
     c = small_config(model=dict(d_model=128, d_ff=512, n_heads=4), steps=16, seq_len=16, batch_size=32,
-                     log_every=1000, eval_every=0, save_every=1000)
+                     log_every=1000, eval_every=16, save_every=1000, eval_batch_size=2)
+    c.data.eval_batches = 0  # the whole split: hundreds of 2-row batches
     run = trainer.Trainer(c, str(tmp_path / name))
-    dispatch, pending, counts = run.step_fn, [], []
+    counts = {"train": [], "eval": []}
 
-    def counting(state, batch, rng):
-      pending[:] = [loss for loss in pending if not loss.is_ready()]
-      counts.append(len(pending))
-      state, metrics = dispatch(state, batch, rng)
-      pending.append(metrics["loss"])
-      return state, metrics
+    def counting(kind, dispatch, pending):
+      def call(*args):
+        pending[:] = [x for x in pending if not x.is_ready()]
+        counts[kind].append(len(pending))
+        out = dispatch(*args)
+        pending.append(out[1]["loss"] if kind == "train" else out)
+        return out
+      return call
 
-    run.step_fn = counting
+    run.step_fn = counting("train", run.step_fn, [])
+    run.eval_fn = counting("eval", run.eval_fn, [])
     try:
       run.run()
     finally:
       run.close()
-    return max(counts)
+    assert len(counts["eval"]) > 100, len(counts["eval"])
+    return max(counts["train"]), max(counts["eval"])
 
   bound = trainer.MAX_STEPS_AHEAD
-  assert most_pending("bounded") <= bound
+  assert max(most_pending("bounded")) <= bound
   monkeypatch.setattr(trainer, "MAX_STEPS_AHEAD", 10 ** 6)
-  assert most_pending("unbounded") > bound + 2
+  train, evaluation = most_pending("unbounded")
+  assert train > bound + 2 and evaluation > bound + 2, (train, evaluation)
