@@ -33,7 +33,7 @@ from etils import epath
 from jaxlm import checkpoint as ckpt_lib
 from jaxlm import auto_grow, checksum, distributed, flops, fs, gen_defaults, optim, sharding
 from jaxlm import init_from as init_lib
-from jaxlm import lineage, pairwise_sum, start_choice
+from jaxlm import lineage, pairwise_sum, start_choice, xla_options
 from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
@@ -475,7 +475,8 @@ class Trainer:
                                   microbatch_sharding=sharding.microbatch_sharding(self.mesh),
                                   per_device=per_device)),
         in_shardings=(self.state_sharding, self.batch_sh, replicated),
-        out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
+        out_shardings=(self.state_sharding, replicated), donate_argnums=(0,),
+        compiler_options=xla_options.train_step(self.mesh))
     self.eval_fn = jax.jit(on_mesh(functools.partial(eval_step, module=self.module)),
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)

@@ -50,6 +50,28 @@ def tree_sum_report() -> dict:
   return out
 
 
+def entry_copies_of_arguments(hlo_text: str) -> int:
+  """Copies of the program's arguments (the donated train state) at the start of the compiled step."""
+  return len(re.findall(r"= \S+ copy\(%param", hlo_text[hlo_text.index("\nENTRY"):]))
+
+
+def in_place_report(run, batch) -> dict:
+  """The step as jaxlm compiles it (xla_options.train_step) against the same step without region analysis: the
+  argument copies in each, and whether 3 steps from the same state give the same bits."""
+  lowered = run.step_fn.lower(run.state, batch, run.base_rng)
+  steps = {"jaxlm": lowered.compile(),
+           "without": lowered.compile({"xla_cpu_copy_insertion_use_region_analysis": False})}
+  start = jax.device_get(run.state)
+  out = {}
+  for name, compiled in steps.items():
+    state = jax.device_put(start, run.state_sharding)
+    for _ in range(3):
+      state, _ = compiled(state, batch, run.base_rng)
+    out[name] = (entry_copies_of_arguments(compiled.as_text()), jax.tree.leaves(jax.device_get(state)))
+  return {"copies": out["jaxlm"][0], "copies_without": out["without"][0],
+          "same_bits": all(np.array_equal(a, b) for a, b in zip(out["jaxlm"][1], out["without"][1]))}
+
+
 def train(workdir: str, name: str) -> dict:
   grad_sum, dropout, accum = RUNS[name]
   c = small_config(model=dict(dropout=dropout), steps=6, eval_every=3, save_every=6, log_every=1)
@@ -62,6 +84,7 @@ def train(workdir: str, name: str) -> dict:
                                    "weights": np.ones(rows, np.float32)}, run.batch_sh, rows[0])
     text = run.step_fn.lower(run.state, batch, run.base_rng).compile().as_text()
     collectives = {op: len(re.findall(rf" {op}(?:-start)?\(", text)) for op in ("all-reduce", "collective-permute")}
+    in_place = in_place_report(run, batch) if name == "auto" else None
     run.run()
     replicas_equal = all(
         all(np.array_equal(np.asarray(s.data), np.asarray(leaf.addressable_shards[0].data))
@@ -74,7 +97,7 @@ def train(workdir: str, name: str) -> dict:
     evals = [r["eval_loss"] for r in read_metrics(os.path.join(workdir, name, "metrics.jsonl")) if "eval_loss" in r]
   finally:
     run.close()
-  return {"collectives": collectives, "replicas_equal": replicas_equal, "losses": losses, "eval_losses": evals,
+  return {"collectives": collectives, "in_place": in_place, "replicas_equal": replicas_equal, "losses": losses, "eval_losses": evals,
           "devices": jax.device_count()}
 
 
