@@ -327,6 +327,11 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_data_prepared.py", "-k", "decoded_records"],
       ("jaxlm/data/store.py", "functools.lru_cache(maxsize=max(1, RECORD_CACHE_BYTES // bytes_per_record))",
        "functools.lru_cache(maxsize=None)")),
+    # Issue 14, fourth session.
+    m("cpu-step-copies-donated-state", "the CPU train step is compiled without region analysis (moments copied)",
+      ["tests/test_pairwise_sum.py"],
+      ("jaxlm/xla_options.py", '"xla_cpu_copy_insertion_use_region_analysis": True',
+       '"xla_cpu_copy_insertion_use_region_analysis": False')),
 ]
 
 
