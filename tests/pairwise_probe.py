@@ -97,8 +97,8 @@ def train(workdir: str, name: str) -> dict:
     evals = [r["eval_loss"] for r in read_metrics(os.path.join(workdir, name, "metrics.jsonl")) if "eval_loss" in r]
   finally:
     run.close()
-  return {"collectives": collectives, "in_place": in_place, "replicas_equal": replicas_equal, "losses": losses, "eval_losses": evals,
-          "devices": jax.device_count()}
+  return {"collectives": collectives, "in_place": in_place, "replicas_equal": replicas_equal, "losses": losses,
+          "eval_losses": evals, "devices": jax.device_count()}
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ def test_auto_sums_pairwise_and_trains_as_the_all_reduce_does(probe):
   assert _max_diff(params("auto_accum"), params("collective")) < 1e-5
 
 
-
 def test_the_step_overwrites_the_donated_state_in_place(probe):
   """XLA:CPU copies every donated optimizer moment at the start of this step unless its copy insertion analyses
   regions (jaxlm/xla_options.py); with the option there is no copy, and the steps give the same bits."""
@@ -68,6 +67,7 @@ def test_the_step_overwrites_the_donated_state_in_place(probe):
   assert in_place["copies"] == 0, in_place
   assert in_place["copies_without"] > 0, in_place  # the control: the option is what removes them
   assert in_place["same_bits"], in_place
+
 
 def test_auto_keeps_the_all_reduce_when_the_loss_draws_random_numbers(probe):
   """With dropout, auto stays with the all-reduce (so the masks do not depend on the device count): the same run
