@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import pairwise_sum, sharding, trainer
+from jaxlm import pairwise_sum, sharding, trainer, xla_options
 from jaxlm.metrics import read_metrics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def in_place_report(run, batch) -> dict:
   argument copies in each, and whether 3 steps from the same state give the same bits."""
   lowered = run.step_fn.lower(run.state, batch, run.base_rng)
   steps = {"jaxlm": lowered.compile(),
-           "without": lowered.compile({"xla_cpu_copy_insertion_use_region_analysis": False})}
+           "without": lowered.compile({name: False for name in xla_options.CPU_TRAIN_STEP})}
   start = jax.device_get(run.state)
   out = {}
   for name, compiled in steps.items():
