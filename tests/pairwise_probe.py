@@ -55,12 +55,11 @@ def entry_copies_of_arguments(hlo_text: str) -> int:
   return len(re.findall(r"= \S+ copy\(%param", hlo_text[hlo_text.index("\nENTRY"):]))
 
 
-def in_place_report(run, batch) -> dict:
-  """The step as jaxlm compiles it (xla_options.train_step) against the same step without region analysis: the
-  argument copies in each, and whether 3 steps from the same state give the same bits."""
-  lowered = run.step_fn.lower(run.state, batch, run.base_rng)
-  steps = {"jaxlm": lowered.compile(),
-           "without": lowered.compile({name: False for name in xla_options.CPU_TRAIN_STEP})}
+def in_place_report(run, batch, lowered, compiled) -> dict:
+  """The step as jaxlm compiles it (`compiled`, with xla_options.train_step) against the same `lowered` step
+  without region analysis: the argument copies in each, and whether 3 steps from the same state give the same
+  bits."""
+  steps = {"jaxlm": compiled, "without": lowered.compile({name: False for name in xla_options.CPU_TRAIN_STEP})}
   start = jax.device_get(run.state)
   out = {}
   for name, compiled in steps.items():
@@ -82,9 +81,11 @@ def train(workdir: str, name: str) -> dict:
     rows = c.train.batch_size, c.train.seq_len
     batch = sharding.global_batch({"inputs": np.zeros(rows, np.int32), "targets": np.zeros(rows, np.int32),
                                    "weights": np.ones(rows, np.float32)}, run.batch_sh, rows[0])
-    text = run.step_fn.lower(run.state, batch, run.base_rng).compile().as_text()
+    lowered = run.step_fn.lower(run.state, batch, run.base_rng)
+    compiled = lowered.compile()
+    text = compiled.as_text()
     collectives = {op: len(re.findall(rf" {op}(?:-start)?\(", text)) for op in ("all-reduce", "collective-permute")}
-    in_place = in_place_report(run, batch) if name == "auto" else None
+    in_place = in_place_report(run, batch, lowered, compiled) if name == "auto" else None
     run.run()
     replicas_equal = all(
         all(np.array_equal(np.asarray(s.data), np.asarray(leaf.addressable_shards[0].data))
