@@ -197,6 +197,7 @@ MODEL_RULES: Dict[str, Rule] = {
     "attention_window": integer(0, note="0 = full attention", per_item=True),
     "dtype": choice("auto", "float32", "bfloat16", "float16"),
     "attention_block": integer(1), "xent_chunk": integer(0, note="0 = auto"), "vocab_multiple": integer(1),
+    "scan_unroll": integer(1),
 }
 _TYPE_RULES = {"int": integer(0), "float": number(), "bool": BOOL, "str": STRING}
 

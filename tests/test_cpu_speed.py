@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlm import host_devices, optim, trainer
+from jaxlm.models import layout
 from jaxlm.metrics import read_metrics
 from test_train import ROOT, small_config
 
@@ -37,7 +38,10 @@ def _first_update(tmp_path, name):
     after = jax.device_get(run.state.params)
   finally:
     run.close()
-  return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), after, before)
+  update = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), after, before)
+  # tiny stacks its blocks (model.scan_layers): Muon orthogonalises each block's slice of a stacked matrix.
+  assert layout.is_stacked(update)
+  return layout.unstack_layers(update, c.model.n_layers)
 
 
 def test_muon_orthogonalises_block_updates_and_leaves_the_rest_to_adamw(tmp_path):

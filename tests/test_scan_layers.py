@@ -38,6 +38,28 @@ def test_scanned_stack_equals_the_per_block_loop(windows, policy, impl):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_unrolled_scan_equals_the_loop_without_a_loop():
+  """model.scan_unroll >= n_layers: the same stacked parameters and values as the scan's loop (scan_unroll=1), and
+  the lowered gradient program has no while loop left (with scan_unroll=1 it has one)."""
+  config = dataclasses.replace(BASE, attention_window=(0, 5, 3), attention_impl="xla", scan_layers=True,
+                               xent_chunk=10 ** 6)
+  looped = decoder.Decoder(config)
+  unrolled = decoder.Decoder(dataclasses.replace(config, scan_unroll=8))
+  tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, 97)
+  params = nn.unbox(jax.jit(looped.init)(jax.random.key(1), tokens)["params"])
+  same_init = nn.unbox(jax.jit(unrolled.init)(jax.random.key(1), tokens)["params"])
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same_init)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones(tokens.shape)}
+  grad_fn = lambda m: jax.jit(jax.value_and_grad(lambda p: m.apply({"params": p}, batch, method="loss")[0]))
+  (loss_loop, g_loop), (loss_unrolled, g_unrolled) = grad_fn(looped)(params), grad_fn(unrolled)(params)
+  np.testing.assert_allclose(loss_unrolled, loss_loop, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_loop)):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+  assert "stablehlo.while" in grad_fn(looped).lower(params).as_text()
+  assert "stablehlo.while" not in grad_fn(unrolled).lower(params).as_text()
+
+
 def test_cached_decoding_refuses_the_stacked_layout():
   scanned = decoder.Decoder(dataclasses.replace(BASE, scan_layers=True))
   tokens = jnp.zeros((1, 4), jnp.int32)

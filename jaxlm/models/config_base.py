@@ -25,7 +25,8 @@ def register_module(arch: str, module_cls: type) -> None:
 
 
 # Fields that change how a model computes but not its parameters: a checkpoint resumes across them.
-COMPUTE_ONLY_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "attention_block", "xent_chunk")
+COMPUTE_ONLY_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "attention_block", "xent_chunk",
+                       "scan_unroll")
 
 
 def auto_dtype() -> str:

@@ -65,6 +65,9 @@ class DecoderConfig(ModelConfigBase):
                                  # full-size configs: even sharding, aligned matmuls); logits keep vocab_size
   scan_layers: bool = False      # the blocks as one nn.scan (params stacked under 'layers'; compile time flat
                                  # in depth); inference and converters unstack them (models/layout.py)
+  scan_unroll: int = 1           # blocks per iteration of scan_layers' loop; >= n_layers: no loop at all, the
+                                 # parameters still stacked (fewer, larger arrays for the optimizer and the jitted
+                                 # call: faster on CPU, where a loop over the blocks is slow)
 
   def validate(self):
     super().validate()
@@ -250,6 +253,7 @@ class Decoder(nn.Module):
                                 window=(windows[0] or None) if uniform else None, arange_positions=arange_positions)
       stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers,
+                      unroll=max(1, min(c.scan_unroll, c.n_layers)),
                       metadata_params={nn.PARTITION_NAME: layers.LAYERS})
       x_BxTxD, _ = stack(c, deterministic, name="layers")(x_BxTxD, jnp.asarray(windows, jnp.int32), positions_BxT,
                                                           spec)
