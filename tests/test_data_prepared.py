@@ -152,6 +152,27 @@ def test_decoded_records_are_kept_within_their_budget_and_reads_do_not_change(tm
     assert small._record.cache_info().currsize <= 3
 
 
+def test_a_batch_of_windows_reads_what_each_window_reads(tmp_path):
+  """TokenStore.windows (the training batches' read) equals read() window by window: tokens and loss masks,
+  windows inside one record and windows crossing one or more record boundaries; out of range is an IndexError."""
+  root = prepared.prepare(_cfg(tmp_path, "dolly_sample", format="dolly", loss_on="response"), progress=False)
+  st = store.TokenStore(root)
+  length = 300  # longer than some records: a few windows span three
+  inner = np.random.default_rng(1).integers(0, st.n_tokens - length, 40)
+  boundaries = np.asarray(st.record_starts[1:-1])
+  # Ending exactly at a record's end, one token past it, and starting just before it.
+  crossing = np.concatenate([boundaries - length, boundaries - length + 1, boundaries - 5])
+  starts = np.concatenate([inner, crossing[(crossing >= 0) & (crossing + length <= st.n_tokens)], [0, st.n_tokens - length]])
+  tokens, loss = st.windows(starts, length)
+  assert tokens.shape == loss.shape == (len(starts), length) and tokens.dtype == np.int32
+  for row, start in enumerate(starts.tolist()):
+    want_tokens, want_loss, _ = st.read(start, start + length)
+    np.testing.assert_array_equal(tokens[row], want_tokens)
+    np.testing.assert_array_equal(loss[row], want_loss)
+  with pytest.raises(IndexError, match="outside the stream"):
+    st.windows([st.n_tokens - length + 1], length)
+
+
 def test_dailydialog_assistant_only_loss_and_padded_rows(tmp_path):
   cfg = _cfg(tmp_path, "dailydialog_sample", format="dialogue", tokenizer="gpt2", loss_on="response",
              packing="padded", val_fraction=0.1)

@@ -44,6 +44,11 @@ class _Rows:
     ids = np.asarray(ids, np.int64)
     if self.rows is not None:
       ids = ids[self.rows]
+    if self.packing == "windows":  # the batch's windows in one read (what example() gives row by row)
+      tokens, loss = self.store.windows(ids, self.seq_len + 1)
+      weights = np.ones((len(ids), self.seq_len), np.float32) if loss is None else loss[:, 1:].astype(np.float32)
+      return {"inputs": np.ascontiguousarray(tokens[:, :-1]), "targets": np.ascontiguousarray(tokens[:, 1:]),
+              "weights": weights}
     return _stack([self.example(int(i)) for i in ids])
 
   def example(self, i: int) -> Batch:
