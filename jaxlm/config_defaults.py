@@ -68,6 +68,9 @@ def base_config(arch: str = "decoder") -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.save_every = 500
   c.train.log_every = 50
+  c.train.batches_per_put = 1           # global batches read and placed on the devices at once, each step taking
+                                        # its own there (on CPU a transfer a step costs the step's cores: 16 in
+                                        # the CPU recipes); 1 = a batch a step
   c.train.eval_batch_size = 0           # windows per validation batch; 0 = batch_size
   c.train.eval_windows = 0              # evaluations during training read this many random validation windows
                                         # (the same each time); the last one reads all. 0 = all every time

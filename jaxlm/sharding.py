@@ -251,3 +251,18 @@ def global_batch(batch: dict, batch_sh: NamedSharding, batch_size: int) -> dict:
     return {k: jax.device_put(np.asarray(v), batch_sh) for k, v in batch.items()}
   return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v), (batch_size,) + np.shape(v)[1:])
           for k, v in batch.items()}
+
+
+def chunk_sharding(batch_sh: NamedSharding) -> NamedSharding:
+  """The sharding of K global batches stacked as [K, batch, ...]: each batch sharded as `batch_sh` shards it."""
+  return NamedSharding(batch_sh.mesh, P(None, *batch_sh.spec))
+
+
+def global_chunk(batches: list, chunk_sh: NamedSharding, batch_size: int) -> dict:
+  """K process-local batches (numpy rows, as global_batch takes them) -> global [K, batch_size, ...] jax arrays
+  sharded by `chunk_sh`, placed with one transfer per key."""
+  stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+  if jax.process_count() == 1:
+    return jax.device_put(stacked, chunk_sh)
+  return {k: jax.make_array_from_process_local_data(chunk_sh, v, (len(batches), batch_size) + v.shape[2:])
+          for k, v in stacked.items()}

@@ -38,7 +38,7 @@ from jaxlm import lock as lock_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm.models import build_model
 from jaxlm.models.config_base import COMPUTE_ONLY_FIELDS
-from jaxlm.steps import TrainState, eval_step, train_step
+from jaxlm.steps import TrainState, eval_step, train_step, train_step_on_chunk
 
 log = logging.getLogger("jaxlm.train")
 # The loop dispatches a step at most this many steps ahead of the devices. Unbounded, a run that logs rarely queued
@@ -212,6 +212,8 @@ class Trainer:
     if self.vocab_growth is not None:
       self.history = lineage.with_event(self.history, self.vocab_growth)
     self._write_config()
+    self.batches_per_put = int(tc.get("batches_per_put", 1) or 1)
+    self._placed = None  # the loop's batches, read ahead by up to batches_per_put - 1 (kept across run() calls)
     self._compile_steps()
     self._eval_batches = None  # built on the first evaluation, reused by the later ones
     self._eval_subset = None  # train.eval_windows' batches, on the devices
@@ -469,14 +471,16 @@ class Trainer:
     if pairwise_sum.choose(grad_sum, self.mesh):
       per_device = functools.partial(pairwise_sum.per_device_sums, mesh=self.mesh,
                                      same_randomness=grad_sum == "auto")
-    self.step_fn = jax.jit(
-        on_mesh(functools.partial(train_step, module=self.module, optimizer=self.optimizer,
-                                  grad_accum=self.config.opt.grad_accum,
-                                  microbatch_sharding=sharding.microbatch_sharding(self.mesh),
-                                  per_device=per_device)),
-        in_shardings=(self.state_sharding, self.batch_sh, replicated),
-        out_shardings=(self.state_sharding, replicated), donate_argnums=(0,),
-        compiler_options=xla_options.train_step(self.mesh))
+    step = functools.partial(train_step, module=self.module, optimizer=self.optimizer,
+                             grad_accum=self.config.opt.grad_accum,
+                             microbatch_sharding=sharding.microbatch_sharding(self.mesh), per_device=per_device)
+    placed_sh = self.batch_sh
+    if self.batches_per_put > 1:  # its second argument is then (K batches, index), what _placed_batches yields
+      step = functools.partial(train_step_on_chunk, step=step, batch_sharding=self.batch_sh)
+      placed_sh = (sharding.chunk_sharding(self.batch_sh), replicated)
+    self.step_fn = jax.jit(on_mesh(step), in_shardings=(self.state_sharding, placed_sh, replicated),
+                           out_shardings=(self.state_sharding, replicated), donate_argnums=(0,),
+                           compiler_options=xla_options.train_step(self.mesh))
     self.eval_fn = jax.jit(on_mesh(functools.partial(eval_step, module=self.module)),
                            in_shardings=(self.state_sharding.params, self.batch_sh, replicated),
                            out_shardings=replicated)
@@ -560,6 +564,22 @@ class Trainer:
   # ---------------------------------------------------------------------------------------- loop pieces
   def _global(self, batch, batch_size: int) -> Dict[str, jax.Array]:
     return sharding.global_batch(batch, self.batch_sh, batch_size)
+
+  def _placed_batches(self):
+    """Endless: step_fn's second argument for each step, in data order. With train.batches_per_put = K > 1,
+    K batches are read, stacked and placed on the devices with one transfer, then handed out as (chunk, index)
+    with the indices placed once; the data position still advances a batch a step, so a checkpoint or a resume
+    is where it would be without read-ahead."""
+    k = self.batches_per_put
+    if k == 1:
+      while True:
+        yield self._global(next(self.data.train_iter), self.tc.batch_size)
+    chunk_sh = sharding.chunk_sharding(self.batch_sh)
+    indices = [jax.device_put(np.int32(i), sharding.replicated(self.mesh)) for i in range(k)]
+    while True:
+      chunk = sharding.global_chunk([next(self.data.train_iter) for _ in range(k)], chunk_sh, self.tc.batch_size)
+      for index in indices:
+        yield chunk, index
 
   def evaluate(self, params, full: bool = True) -> float:
     """Mean token cross-entropy over the whole validation split (`full`), or over the train.eval_windows random
@@ -696,11 +716,13 @@ class Trainer:
     window_start, window_steps, window_losses, window_paused = time.perf_counter(), 0, [], 0.0
     vote = distributed.StopVote()
     run_ahead = _RunAhead()
+    if self._placed is None:
+      self._placed = self._placed_batches()
 
     try:
       with _StopRequest() as stop:
         while step < end_step:
-          batch = self._global(next(self.data.train_iter), tc.batch_size)
+          batch = next(self._placed)
           self.state, step_metrics = self.step_fn(self.state, batch, self.base_rng)
           run_ahead.dispatched(step_metrics["loss"])
           step += 1

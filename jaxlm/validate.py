@@ -164,6 +164,7 @@ def section_rules() -> Dict[str, Dict[str, Rule]]:
       "train": {
           "steps": integer(1), "batch_size": integer(1), "seq_len": integer(1),
           "eval_every": integer(0, note="0 = off"), "save_every": integer(1), "log_every": integer(1),
+          "batches_per_put": integer(1),
           "eval_batch_size": integer(0, note="0 = batch_size"), "seed": SEED,
           "keep_checkpoints": integer(1), "patience": integer(0, note="0 = off"),
           "sample_tokens": integer(0, note="0 = none"), "sample_every": integer(0, note="0 = off"), "sample_prompt": STRING,

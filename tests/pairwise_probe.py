@@ -73,7 +73,8 @@ def in_place_report(run, batch, lowered, compiled) -> dict:
 
 def train(workdir: str, name: str) -> dict:
   grad_sum, dropout, accum = RUNS[name]
-  c = small_config(model=dict(dropout=dropout), steps=6, eval_every=3, save_every=6, log_every=1)
+  c = small_config(model=dict(dropout=dropout), steps=6, eval_every=3, save_every=6, log_every=1,
+                   batches_per_put=1)  # step_fn takes one batch (lowered below)
   c.mesh.grad_sum = grad_sum
   c.opt.grad_accum = accum
   run = trainer.Trainer(c, os.path.join(workdir, name))

@@ -104,6 +104,31 @@ def test_one_cpu_device_per_core_divides_the_batches(monkeypatch):
   assert host_devices.configure(c) is None  # the environment chose
 
 
+def test_batches_placed_several_at_a_time_train_exactly_as_one_a_step(tmp_path):
+  """train.batches_per_put=3 (each step indexes its batch out of 3 placed at once) gives the same losses and the
+  same parameters, bit for bit, as one batch a step, over 7 steps (a chunk cut short) with an evaluation and a
+  checkpoint between; interrupted after step 4 (inside a chunk) and resumed, it still ends the same."""
+  from jaxlm.checkpoint import RunCheckpointer, restore_for_inference
+
+  def train(name, per_put, stop_after=None):
+    c = small_config(steps=7, eval_every=4, save_every=4, batches_per_put=per_put)
+    c.mesh.cpu_devices = 2  # the batch sharded over two devices, as in the CPU recipes
+    trainer.train_and_evaluate(c, str(tmp_path / name), stop_after_steps=stop_after)
+    return tmp_path / name
+
+  one, three = train("one", 1), train("three", 3)
+  train("resumed", 3, stop_after=4)
+  assert RunCheckpointer(str(tmp_path / "resumed")).read_meta(4)["data_position"] == 4
+  resumed = train("resumed", 3)
+  rows = lambda run: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(run / "metrics.jsonl")
+                      if "loss" in r or "eval_loss" in r]
+  assert rows(one) == rows(three) == rows(resumed) and len(rows(one)) == 7 + 2
+  want = restore_for_inference(str(one))[1]
+  for run in (three, resumed):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(restore_for_inference(str(run))[1])):
+      assert np.array_equal(a, b)
+
+
 def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
   script = "import jax; from jaxlm import compile_cache; print(compile_cache.enable(), jax.config.jax_compilation_cache_dir)"
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXLM_COMPILATION_CACHE")}

@@ -19,7 +19,7 @@ from jaxlm import trainer
 from jaxlm.config_defaults import load_config
 c = load_config("configs/yinggem.py:tiny")
 c.mesh.cpu_devices = 1
-c.train.progress = False
+c.train.update(progress=False, batches_per_put=1)  # step_fn takes one batch
 run = trainer.Trainer(c, tempfile.mkdtemp())
 tokens = np.random.default_rng(0).integers(0, 65, (12, 64)).astype(np.int32)
 batch = run._global({"inputs": tokens, "targets": tokens, "weights": np.ones((12, 64), np.float32)}, 12)
