@@ -1,4 +1,6 @@
 """Layer invariants: causality by gradient, GQA = MHA with repeated kv heads, mask definitions, RoPE."""
+import re
+
 import flax
 import flax.linen as nn
 import jax
@@ -144,6 +146,18 @@ def test_rope_styles_are_a_permutation_of_each_other():
   inter = layers.apply_rope(x, pos, 1e4, "interleaved")
   half = layers.apply_rope(x[..., perm], pos, 1e4, "half")
   np.testing.assert_allclose(inter[..., perm], half, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_rope_on_positions_0_to_t_is_a_table_of_the_program_with_the_same_values(style):
+  """arange=True (what attention does for MaskSpec.arange_positions): the same rotation as computed from the
+  positions, and the jitted program computes no cosine or sine (they are a constant table)."""
+  x = jax.random.normal(jax.random.key(0), (3, 40, 2, 16))
+  pos = _positions(3, 40)
+  rope = lambda arange: jax.jit(lambda x, p: layers.apply_rope(x, p, 1e4, style, arange=arange))
+  np.testing.assert_allclose(rope(True)(x, pos), rope(False)(x, pos), atol=1e-6, rtol=0)
+  trig = lambda arange: len(re.findall(r"\b(cosine|sine)\(", rope(arange).lower(x, pos).compile().as_text()))
+  assert trig(True) == 0 and trig(False) > 0
 
 
 def test_norms_match_numpy():
