@@ -332,6 +332,20 @@ MUTATIONS: List[Mutation] = [
       ["tests/test_pairwise_sum.py"],
       ("jaxlm/xla_options.py", '"xla_cpu_copy_insertion_use_region_analysis": True',
        '"xla_cpu_copy_insertion_use_region_analysis": False')),
+    # Issue 14, sixth session.
+    m("scan-unroll-ignored", "model.scan_unroll is ignored: the stacked blocks stay a loop",
+      ["tests/test_scan_layers.py", "-k", "unrolled"],
+      ("jaxlm/models/decoder.py", "unroll=max(1, min(c.scan_unroll, c.n_layers)),", "unroll=1,")),
+    m("placed-batches-out-of-order", "batches placed several at a time are handed to the steps in reverse order",
+      ["tests/test_cpu_speed.py", "-k", "batches_placed"],
+      ("jaxlm/trainer.py", "      for index in indices:\n", "      for index in reversed(indices):\n")),
+    m("rope-table-off-by-one", "the RoPE table for positions 0..T-1 starts at position 1",
+      ["tests/test_layers.py"],
+      ("jaxlm/models/layers.py", "_rope_cos_sin(jnp.arange(x_BxTxNxH.shape[1], dtype=jnp.int32)[None]",
+       "_rope_cos_sin(1 + jnp.arange(x_BxTxNxH.shape[1], dtype=jnp.int32)[None]")),
+    m("window-read-past-record-end", "a batch's window ending one token past its record is sliced from it alone",
+      ["tests/test_data_prepared.py", "-k", "batch_of_windows"],
+      ("jaxlm/data/store.py", "      if start + length <= end:\n", "      if start + length <= end + 1:\n")),
 ]
 
 

@@ -16,8 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def family_model(family, **changes):
   model = load_config(os.path.join(ROOT, "configs", f"{family}.py:tiny")).model.to_dict()
+  # Model directories hold the per-block layout (yinggem:tiny trains its blocks stacked).
   model.update(vocab_size=40, d_model=16, n_heads=2, max_seq_len=8, dtype="float32", **changes)
   if model["arch"] == "decoder":
+    model["scan_layers"] = False
     model.update(n_layers=2, d_ff=32, n_kv_heads=0, head_dim=0)
     if model.get("attention_window"):
       model["attention_window"] = 4

@@ -13,6 +13,7 @@ from convert import api
 from jaxlm import lineage, modeldir, trainer
 from jaxlm.checkpoint import RunCheckpointer
 from jaxlm.config_defaults import load_config
+from jaxlm.models import layout
 from jaxlm.steps import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,9 +61,12 @@ def test_a_run_starts_from_a_converted_original(originals, family, tmp_path):
   try:
     parent = modeldir.load(originals[family])
     assert run.start_step == 0 and int(run.state.step) == 0
-    # The parent's arrays (HRM's vocab tokenizer lacks some of Alice's characters: its vocabulary grows, old rows kept)
+    # The parent's arrays (HRM's vocab tokenizer lacks some of Alice's characters: its vocabulary grows, old rows
+    # kept), in the run's layout (yinggem:tiny stacks its blocks: compared per block).
+    run_params = layout.to_per_block(run.model_dict, jax.device_get(run.state.params))[1]
     assert same_tree(jax.tree.map(lambda x, y: np.asarray(x)[tuple(map(slice, np.shape(y)))],
-                                  jax.device_get(run.state.params), parent.params), parent.params)
+                                  run_params, parent.params), parent.params)
+    assert run.model_dict.get("scan_layers", False) == (family == "yinggem")
     assert (run.model_dict["vocab_size"] > parent.model_dict["vocab_size"]) == (family == "hrm")
     assert run.model_dict["d_model"] == parent.model_dict["d_model"] and run.model_dict["family"] == family
     written = json.loads((tmp_path / "work" / "config.json").read_text())

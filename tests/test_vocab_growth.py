@@ -24,8 +24,10 @@ SMALL = {  # the smallest model of each family (compilation dominates these test
 
 def small_model(family):
   model = load_config(os.path.join(ROOT, "configs", f"{family}.py:tiny")).model.to_dict()
+  # Model directories hold the per-block layout (yinggem:tiny trains its blocks stacked).
   model.update(vocab_size=VOCAB, d_model=WIDTH, n_heads=2, max_seq_len=8, dtype="float32", **SMALL[family])
   if model["arch"] == "decoder":
+    model["scan_layers"] = False
     model.update(n_layers=1, d_ff=32, n_kv_heads=0, head_dim=0, attention_window=4 if model.get("attention_window") else 0)
   return model
 
