@@ -93,14 +93,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], base_rng: jax.Arr
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_step_on_chunk(state: TrainState, placed, base_rng: jax.Array, *, step: Callable, batch_sharding=None):
-  """`step` (train_step, bound) on batch `index` of `placed` = (chunk of K batches [K, B, ...], index): the loop
-  places K batches on the devices at once (train.batches_per_put) and each step takes its own there."""
+def train_step_on_chunk(state: TrainState, placed, base_rng: jax.Array, *, step: Callable, batch_sharding):
+  """`step` (train_step, bound) on batch `index` of `placed` = (chunk of K batches [K, B, ...], index), the batch
+  kept sharded as `batch_sharding`: the loop places K batches on the devices at once (train.batches_per_put) and
+  each step takes its own there."""
   chunk, index = placed
   batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), chunk)
-  if batch_sharding is not None:
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-  return step(state, batch, base_rng)
+  return step(state, jax.lax.with_sharding_constraint(batch, batch_sharding), base_rng)
 
 
 def eval_step(params, batch, totals, *, module) -> jax.Array:
